@@ -1,0 +1,87 @@
+r"""Train and evaluate one config.
+
+    python launch.py                                   # Fashion-MNIST, LeNet-5-BN, PS-KD -> runs/default
+    python launch.py --config=configs/fashion_mnist/ce.py --workdir=runs/fmnist_ce
+    python launch.py --config=configs/fashion_mnist/pskd.py:smoke --workdir=/tmp/x \
+        --config.method.alpha_T=0.5
+
+Running the same command again resumes from the workdir's latest checkpoint (or prints the
+finished run's results). Exit status: 0 done, 1 a run error (data, non-finite loss), 2 a bad
+configuration, 143 stopped by SIGTERM after saving a checkpoint.
+
+Multi-host (TPU pods, SLURM): start one process per host with the same command;
+`jax.distributed.initialize()` runs when `--distributed` is given or the environment shows a
+multi-process launch.
+"""
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = os.path.join(HERE, "configs", "fashion_mnist", "pskd.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "Config file (`path` or `path:arg`); override keys with "
+    "--config.key=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, logs and "
+                               "results.json; reusing it resumes the run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() "
+                                 "(default: when SLURM or a JAX coordinator is detected).")
+
+
+def _fail(message: str, status: int) -> None:
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def parse_flags(argv):
+  """absl flag parsing with bad flags or config overrides reported in one line, exit 2."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    _fail(str(error).splitlines()[0], 2)
+  except (KeyError, AttributeError, ValueError, TypeError) as error:  # raised by config overrides
+    _fail(f"bad config override: {str(error).splitlines()[0]}", 2)
+
+
+def _wants_distributed() -> bool:
+  if _DISTRIBUTED.value is not None:
+    return _DISTRIBUTED.value
+  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+          or "JAX_COORDINATOR_ADDRESS" in os.environ)
+
+
+def main(argv):
+  if len(argv) > 1:
+    _fail(f"unexpected arguments {argv[1:]}; use --config, --workdir and --config.key=value", 2)
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from selfkd_jax.data import DataError  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train.config_check import ConfigError  # pylint: disable=g-import-not-at-top
+
+  if _wants_distributed():
+    jax.distributed.initialize()
+  try:
+    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as error:
+    _fail(str(error), 2)
+  except (DataError, loop.NonFiniteLossError) as error:
+    _fail(str(error), 1)
+  except loop.Preempted as error:
+    _fail(str(error), 143)
+  if jax.process_index() == 0:
+    print(f"{results['method']} / {results['model']} / {results['dataset']}: "
+          f"test top1 {results['test_top1']:.4f}  top5 {results['test_top5']:.4f}  "
+          f"nll {results['test_nll']:.4f}  ece {results['test_ece']:.4f}  "
+          f"aurc {results['test_aurc']:.4f}  (best top1 {results['best_test_top1']:.4f} at epoch "
+          f"{results['best_epoch']}; {results['wall_s']:.0f} s)")
+    print(f"results: {os.path.join(_WORKDIR.value, 'results.json')}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

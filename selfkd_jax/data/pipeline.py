@@ -1,0 +1,192 @@
+"""Host-side batching: deterministic epoch order by step, host sharding, padding, device put.
+
+Order is a pure function of (seed, step): the batch of global step `s` is slice
+`s % steps_per_epoch` of the permutation of epoch `s // steps_per_epoch`. Every host computes
+the same global batch and reads only its contiguous slice, and resuming at any step reproduces
+the uninterrupted run exactly, with no iterator state to checkpoint.
+"""
+import collections
+import functools
+from typing import Iterable, Iterator
+
+import jax
+import numpy as np
+
+from selfkd_jax.data.background import OrderedReader
+from selfkd_jax.data.errors import DataError
+
+Batch = dict[str, np.ndarray]
+
+
+def steps_per_epoch(num_train: int, global_batch_size: int) -> int:
+  """Number of full global batches in an epoch.
+
+  The remainder (num_train % global_batch_size examples) is dropped each epoch, so every step
+  has the same shape; since the permutation changes every epoch, a different remainder is
+  dropped each time and no example is left out systematically.
+
+  Raises:
+    DataError: the batch is larger than the dataset, so an epoch would have no step.
+  """
+  if global_batch_size < 1:
+    raise DataError(f"global batch size must be positive, got {global_batch_size}; fix "
+                    "config.batch_size")
+  steps = num_train // global_batch_size
+  if steps < 1:
+    raise DataError(f"global batch size {global_batch_size} is larger than the {num_train} "
+                    "train examples; lower config.batch_size or raise limit_train")
+  return steps
+
+
+@functools.lru_cache(maxsize=4)
+def _shared_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  # Cached because every step of an epoch needs the same permutation; read-only because the
+  # cached array is shared between callers and threads.
+  permutation = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  permutation.flags.writeable = False
+  return permutation
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The order of the train examples in `epoch`: a permutation of 0..num_examples-1.
+
+  It depends only on its arguments (numpy's PCG64 seeded with [seed, epoch]), so all hosts
+  agree without communicating. seed and epoch must be non-negative.
+  """
+  if seed < 0 or epoch < 0:
+    raise DataError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}")
+  return _shared_permutation(int(seed), int(epoch), int(num_examples)).copy()
+
+
+def train_batch_indices(seed: int, step: int, num_examples: int,
+                        global_batch_size: int) -> np.ndarray:
+  """Dataset indices [global_batch_size] of the global batch at `step` (random access)."""
+  epoch, position = divmod(step, steps_per_epoch(num_examples, global_batch_size))
+  if seed < 0 or epoch < 0:
+    raise DataError(f"seed and step must be non-negative, got seed={seed}, step={step}")
+  permutation = _shared_permutation(int(seed), int(epoch), int(num_examples))
+  start = position * global_batch_size
+  return permutation[start:start + global_batch_size].copy()
+
+
+def _host_slice(global_batch_size: int, process_index: int, process_count: int) -> slice:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise DataError(f"process_index {process_index} is not in [0, {process_count})")
+  if global_batch_size % process_count:
+    raise DataError(f"global batch size {global_batch_size} is not divisible by the "
+                    f"{process_count} processes; make config.batch_size a multiple of it")
+  local = global_batch_size // process_count
+  return slice(process_index * local, (process_index + 1) * local)
+
+
+class TrainBatches(OrderedReader[Batch]):
+  """Host-local train batches of global steps start_step .. num_steps-1.
+
+  Yields `{'image': uint8 [b, H, W, C], 'label': int32 [b], 'index': int32 [b]}` with
+  b = global_batch_size // process_count: this host's contiguous slice of the global batch.
+  Reads run on background threads (see `OrderedReader`); close it or use `with`.
+  """
+
+  def __init__(self, source, *, seed: int, global_batch_size: int, start_step: int,
+               num_steps: int, process_index: int = 0, process_count: int = 1,
+               num_workers: int = 2, buffer_size: int | None = None):
+    """Starts reading.
+
+    Args:
+      source: anything with `__len__` and `get_batch(indices)` (see `load_splits`).
+      seed: data-order seed, shared by all hosts.
+      global_batch_size: examples per step summed over all hosts.
+      start_step: first global step to yield (e.g. the restored step on resume).
+      num_steps: total steps of the run; the last yielded step is num_steps - 1.
+      process_index: this host (jax.process_index()).
+      process_count: number of hosts (jax.process_count()).
+      num_workers: reader threads.
+      buffer_size: batches read ahead (default 2 * num_workers).
+    """
+    num_examples = len(source)
+    steps_per_epoch(num_examples, global_batch_size)  # Fail here, not in a worker thread.
+    if not 0 <= start_step <= num_steps:
+      raise DataError(f"start_step {start_step} must lie in [0, num_steps={num_steps}]")
+    host = _host_slice(global_batch_size, process_index, process_count)
+
+    def read(step: int) -> Batch:
+      indices = train_batch_indices(seed, step, num_examples, global_batch_size)[host]
+      return source.get_batch(indices)
+
+    super().__init__((functools.partial(read, step) for step in range(start_step, num_steps)),
+                     num_workers=num_workers, buffer_size=buffer_size,
+                     length=num_steps - start_step)
+
+
+def eval_batches(source, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1, num_workers: int = 2) -> OrderedReader[Batch]:
+  """Host-local batches covering the split once, in order, with a padding mask.
+
+  The global batches are consecutive runs of indices; the last is padded to full size so
+  that every step has the same shape on every host. Padding rows have mask 0, a zero image,
+  label 0 and index 0. Metrics weighted by 'mask' therefore count each example exactly once,
+  whatever the number of devices and hosts.
+
+  Returns:
+    An `OrderedReader` (iterable, closeable, with len) of `{'image', 'label', 'index',
+    'mask'}` (mask float32 [b], 1 real, 0 padding).
+  """
+  num_examples = len(source)
+  if global_batch_size < 1:
+    raise DataError(f"eval batch size must be positive, got {global_batch_size}")
+  host = _host_slice(global_batch_size, process_index, process_count)
+  num_batches = -(-num_examples // global_batch_size)
+
+  def read(batch_number: int) -> Batch:
+    positions = np.arange(batch_number * global_batch_size,
+                          (batch_number + 1) * global_batch_size)[host]
+    real = positions < num_examples
+    # Padding rows re-read example 0 so every source needs only get_batch, then get blanked.
+    batch = source.get_batch(np.where(real, positions, 0))
+    for key, value in batch.items():
+      batch[key] = np.where(real.reshape((-1,) + (1,) * (value.ndim - 1)), value,
+                            np.zeros((), value.dtype))
+    batch["mask"] = real.astype(np.float32)
+    return batch
+
+  return OrderedReader((functools.partial(read, k) for k in range(num_batches)),
+                       num_workers=num_workers, length=num_batches)
+
+
+def prefetch_to_device(iterator: Iterable[Batch], sharding: jax.sharding.Sharding,
+                       size: int = 2) -> Iterator[dict[str, jax.Array]]:
+  """Turns host-local numpy batches into global arrays sharded on the batch axis.
+
+  Each host passes its own slice; `jax.make_array_from_process_local_data` assembles the
+  global array (global batch = sum of the host slices), so the same code runs on one or many
+  hosts. Transfers are asynchronous; keeping `size` batches in flight overlaps them with
+  compute. Closing this generator closes `iterator` when it can be closed.
+
+  Args:
+    iterator: host-local batches (dicts of numpy arrays, batch axis first).
+    sharding: sharding of every array, e.g. NamedSharding(mesh, PartitionSpec('data')).
+    size: batches transferred ahead of the consumer.
+
+  Yields:
+    The same dicts with global `jax.Array` values.
+  """
+  batches = iter(iterator)
+  in_flight = collections.deque()
+
+  def enqueue(n: int) -> None:
+    for _ in range(n):
+      batch = next(batches, None)
+      if batch is None:
+        return
+      in_flight.append(jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(sharding, x), batch))
+
+  try:
+    enqueue(max(1, size))
+    while in_flight:
+      yield in_flight.popleft()
+      enqueue(1)
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()

@@ -1,0 +1,17 @@
+"""Stateful self-distillation transforms: `init/update` pairs over explicit state pytrees.
+
+See `base` for the contract. Nothing here imports the trainer, the data pipeline or a model.
+"""
+from selfkd_jax.methods.base import EmptyState, Method, MethodHooks, stateless_init
+from selfkd_jax.methods.baselines import cross_entropy, label_smoothing
+from selfkd_jax.methods.combine import combine
+from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
+                                            pad_tables, partition_specs, scatter_rows,
+                                            table_bytes)
+from selfkd_jax.methods.pskd import PSKDState, pskd
+
+__all__ = [
+    "EmptyState", "Method", "MethodHooks", "PSKDState", "PerExampleTable", "combine",
+    "create_table", "cross_entropy", "gather_rows", "label_smoothing", "pad_tables",
+    "partition_specs", "pskd", "scatter_rows", "stateless_init", "table_bytes",
+]

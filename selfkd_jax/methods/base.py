@@ -1,0 +1,88 @@
+"""The method contract: optax-style `init/update` transforms over explicit state pytrees.
+
+A method is a `Method(init, update, refresh)` of pure functions:
+
+    state = method.init(rng)
+    per_example_loss, state, metrics = method.update(
+        state, outputs, batch, step=step, epoch=epoch, axis_name=None, hooks=None)
+
+- `outputs` is the model's output mapping; every method reads `outputs['logits']` ([B, C]) and
+  some read more (`'features'`, `'feature_map'`, ...).
+- `batch` is a mapping with `'label'` (int [B]) and `'index'` (the dataset index, int [B], used
+  by methods with per-example state).
+- `step` and `epoch` are int scalars (traced inside a jitted step, so no retrace per epoch).
+- `axis_name` is the named mesh axis when `update` runs inside `shard_map`/`pmap` (the trainer
+  passes `'data'`), `None` on a single device. Methods use it for their collectives.
+- `hooks` is a `MethodHooks` carrying what a method needs from the model (a forward pass with
+  other parameters, say); methods that need none ignore it.
+- The returned loss is per example ([B]); the caller averages it over the global batch.
+- `metrics` is a dict of scalars (already reduced over the local batch) for logging.
+
+`refresh` is `None` for most methods. A method that rebuilds its state from a clean pass over
+the training data at the end of an epoch (PS-KD's `refresh='epoch_end_eval'`) sets it to
+`refresh(state, outputs, batch, *, axis_name=None) -> state`, called with eval-mode,
+un-augmented outputs for every training batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
+
+import jax
+
+PyTree = Any
+Outputs = Mapping[str, jax.Array]
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class InitFn(Protocol):
+
+  def __call__(self, rng: jax.Array | None = None) -> PyTree:
+    ...
+
+
+class UpdateFn(Protocol):
+
+  def __call__(
+      self,
+      state: PyTree,
+      outputs: Outputs,
+      batch: Batch,
+      *,
+      step: jax.Array,
+      epoch: jax.Array,
+      axis_name: str | None = None,
+      hooks: Optional["MethodHooks"] = None,
+  ) -> tuple[jax.Array, PyTree, Metrics]:
+    ...
+
+
+class MethodHooks(NamedTuple):
+  """What a method may ask of the model, supplied by whoever runs the step.
+
+  Attributes:
+    forward: `forward(variables, images, *, train) -> outputs` runs the user's model with the
+      given variables (e.g. `{'params': ..., 'batch_stats': ...}`) without touching the caller's
+      state; used by methods that need a second forward pass (a weight snapshot, a partner
+      batch). `None` when the caller offers none.
+    variables: the current model variables, for methods that snapshot them.
+  """
+  forward: Callable[..., Outputs] | None = None
+  variables: PyTree | None = None
+
+
+class Method(NamedTuple):
+  """A self-distillation method as a pair of pure functions (plus an optional refresh)."""
+  init: InitFn
+  update: UpdateFn
+  refresh: Callable[..., PyTree] | None = None
+
+
+class EmptyState(NamedTuple):
+  """State of a stateless method."""
+
+
+def stateless_init(rng: jax.Array | None = None) -> EmptyState:
+  del rng
+  return EmptyState()

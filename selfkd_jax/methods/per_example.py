@@ -1,0 +1,122 @@
+"""Per-example state (one row per training example), sharded by rows across devices.
+
+PS-KD keeps the last prediction of every training example: an `N x C` table. Replicating it
+on every device (as the official PyTorch code does on every rank) costs `N*C*bytes` per
+device: 5.1 GB in fp32 for ImageNet. Here device `d` of `D` owns the contiguous rows
+`[d*R, (d+1)*R)` with `R = ceil(N/D)`, so each holds `N*C*bytes/D`.
+
+Inside a data-parallel step a device's batch can name rows owned by any device, so reads and
+writes exchange rows with collectives over the named axis:
+
+- read: every device sees all indices of the global batch (`all_gather`), contributes the rows
+  it owns (zeros elsewhere), and `psum_scatter` hands each device the rows of its own examples.
+  Each row is a sum of one value and zeros, hence exact in any dtype.
+- write: every device sees all `(index, row)` pairs of the global batch (`all_gather`) and writes
+  the rows it owns; the others are dropped by an out-of-range index.
+
+With `axis_name=None` (a single device, a user's own loop) both are plain indexing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec
+
+
+class PerExampleTable(NamedTuple):
+  """Rows indexed by dataset index. Trainers shard `rows` along axis 0 (see `partition_specs`).
+
+  Attributes:
+    rows: `[N_padded, ...]` array; rows past the dataset size are padding, never read.
+  """
+  rows: jax.Array
+
+
+def create_table(num_examples: int, row_shape: tuple[int, ...], dtype: Any = jnp.float32,
+                 fill_value: float = 0.0) -> PerExampleTable:
+  """A table of `num_examples` rows of shape `row_shape`, filled with `fill_value`."""
+  if num_examples <= 0:
+    raise ValueError(f"num_examples must be positive, got {num_examples}")
+  return PerExampleTable(jnp.full((num_examples, *row_shape), fill_value, dtype))
+
+
+def _is_table(x: Any) -> bool:
+  return isinstance(x, PerExampleTable)
+
+
+def pad_tables(state: Any, num_shards: int) -> Any:
+  """Pads every table in `state` to a row count divisible by `num_shards`."""
+
+  def pad(x):
+    if not _is_table(x):
+      return x
+    extra = -x.rows.shape[0] % num_shards
+    widths = [(0, extra)] + [(0, 0)] * (x.rows.ndim - 1)
+    return PerExampleTable(jnp.pad(x.rows, widths))
+
+  return jax.tree.map(pad, state, is_leaf=_is_table)
+
+
+def partition_specs(state: Any, axis_name: str = "data") -> Any:
+  """PartitionSpecs for `state`: tables sharded by rows on `axis_name`, everything else replicated."""
+
+  def spec(x):
+    if _is_table(x):
+      return PerExampleTable(PartitionSpec(axis_name))
+    return PartitionSpec()
+
+  return jax.tree.map(spec, state, is_leaf=_is_table)
+
+
+def _owned_positions(table: PerExampleTable, indices: jax.Array, axis_name: str):
+  """Global indices of the whole batch, mapped to this device's local row positions."""
+  rows_per_device = table.rows.shape[0]
+  all_indices = lax.all_gather(indices, axis_name, tiled=True)
+  local = all_indices - lax.axis_index(axis_name) * rows_per_device
+  owned = (local >= 0) & (local < rows_per_device)
+  return local, owned
+
+
+def gather_rows(table: PerExampleTable, indices: jax.Array,
+                axis_name: str | None = None) -> jax.Array:
+  """Rows `table[indices]` for this device's examples, in the table's dtype.
+
+  Args:
+    table: the full table (`axis_name=None`) or this device's row shard.
+    indices: dataset indices of this device's examples, `[b]`.
+    axis_name: the mesh axis the table is sharded over, or `None`.
+  """
+  if axis_name is None:
+    return table.rows[indices]
+  local, owned = _owned_positions(table, indices, axis_name)
+  safe = jnp.clip(local, 0, table.rows.shape[0] - 1)
+  mask = owned.reshape(owned.shape + (1,) * (table.rows.ndim - 1))
+  contributions = jnp.where(mask, table.rows[safe], jnp.zeros((), table.rows.dtype))
+  return lax.psum_scatter(contributions, axis_name, scatter_dimension=0, tiled=True)
+
+
+def scatter_rows(table: PerExampleTable, indices: jax.Array, values: jax.Array,
+                 axis_name: str | None = None) -> PerExampleTable:
+  """Returns the table with `table[indices] = values` (cast to the table's dtype).
+
+  Indices within one global batch must be distinct (true for an epoch-permutation sampler).
+  Indices past the end of the table are dropped (used for padding rows).
+  """
+  values = values.astype(table.rows.dtype)
+  if axis_name is None:
+    return PerExampleTable(table.rows.at[indices].set(values, mode="drop"))
+  local, owned = _owned_positions(table, indices, axis_name)
+  all_values = lax.all_gather(values, axis_name, tiled=True)
+  out_of_range = table.rows.shape[0]
+  target = jnp.where(owned, local, out_of_range)
+  return PerExampleTable(table.rows.at[target].set(all_values, mode="drop"))
+
+
+def table_bytes(state: Any, num_shards: int = 1) -> int:
+  """Bytes of all per-example tables in `state` held by one of `num_shards` devices."""
+  tables = [x for x in jax.tree.leaves(state, is_leaf=_is_table) if _is_table(x)]
+  return sum(t.rows.size * t.rows.dtype.itemsize for t in tables) // num_shards

@@ -1,0 +1,13 @@
+"""Flax Linen models. Each returns a dict: 'logits', 'features', 'feature_map',
+'stage_features' (see `selfkd_jax.models.common`), with its final Dense layer named
+'classifier'. Build them by name with `get_model`."""
+from selfkd_jax.models.lenet import LeNet5BN
+from selfkd_jax.models.mlp import MLP
+from selfkd_jax.models.registry import MODEL_NAMES, get_model
+from selfkd_jax.models.resnet import BasicBlock, CifarResNet, PreActBlock, PreActResNet
+from selfkd_jax.models.wide_resnet import WideBasicBlock, WideResNet
+
+__all__ = [
+    'MODEL_NAMES', 'get_model', 'MLP', 'LeNet5BN', 'CifarResNet', 'PreActResNet',
+    'WideResNet', 'BasicBlock', 'PreActBlock', 'WideBasicBlock',
+]

@@ -1,0 +1,56 @@
+"""Model names → constructors: `get_model('resnet18', num_classes=100)`."""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from selfkd_jax.models.lenet import LeNet5BN
+from selfkd_jax.models.mlp import MLP
+from selfkd_jax.models.resnet import CifarResNet, PreActResNet
+from selfkd_jax.models.wide_resnet import WideResNet
+
+# name → (class, the fields that define the architecture behind that name).
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
+    'mlp': (MLP, {}),
+    'lenet5_bn': (LeNet5BN, {}),
+    'resnet18': (CifarResNet, {'stage_sizes': (2, 2, 2, 2)}),
+    'preact_resnet18': (PreActResNet, {'stage_sizes': (2, 2, 2, 2)}),
+    'wrn16_2': (WideResNet, {'depth': 16, 'width': 2}),
+    'wrn28_10': (WideResNet, {'depth': 28, 'width': 10}),
+}
+
+MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
+              bn_axis_name: str | None = None, **kwargs: Any) -> nn.Module:
+  """Builds the model registered under `name`.
+
+  Args:
+    name: one of `MODEL_NAMES`.
+    num_classes: number of output classes.
+    dtype: computation dtype (e.g. `jnp.bfloat16`); parameters stay float32.
+    bn_axis_name: named axis (e.g. 'data') over which BatchNorm statistics are
+      averaged in training under `shard_map`/`pmap`; None on a single device.
+    **kwargs: further fields of the model class (e.g. `dropout_rate=0.3` for the
+      WRNs, `hidden_sizes=(512,)` for 'mlp', `layout='he2016'` for
+      'preact_resnet18'). The fields that a name fixes (a WRN's depth and width, a
+      ResNet's stage sizes) cannot be overridden.
+
+  Returns:
+    An unbound `flax.linen.Module`; `model.apply(variables, x, train=...)` returns
+    the dict described in `selfkd_jax.models.common`.
+
+  Raises:
+    ValueError: for an unknown name or an attempt to override a fixed field.
+  """
+  if name not in _REGISTRY:
+    raise ValueError(
+        f"unknown model {name!r}; allowed: {', '.join(MODEL_NAMES)}")
+  cls, fixed = _REGISTRY[name]
+  clash = sorted(set(fixed) & set(kwargs))
+  if clash:
+    raise ValueError(
+        f"model {name!r} fixes {', '.join(clash)}; pick another name instead")
+  return cls(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
+             **fixed, **kwargs)

@@ -1,0 +1,130 @@
+"""Configuration checks that run before anything is loaded or compiled.
+
+Each failure is a `ConfigError` whose message is one line: the key, the bad value and what is
+allowed. `launch.py` prints it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from selfkd_jax.train import optim
+from selfkd_jax.train.method_factory import METHOD_BUILDERS, STORAGE_DTYPES
+
+PARALLEL_MODES = ("shard_map", "pmap")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+CONFIG_FILE = "config.json"
+# Keys that may change between a run and its resumption (they do not change the result).
+RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
+                  "keep_checkpoints")
+
+
+class ConfigError(ValueError):
+  """A bad configuration value; the message is a single line."""
+
+
+def _allowed(key: str, value, allowed) -> None:
+  if value not in allowed:
+    raise ConfigError(f"{key}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+
+
+def _check_method(method) -> None:
+  from selfkd_jax.methods.pskd import REFRESH_MODES  # the method module owns its modes
+
+  _allowed("config.method.name", method.name, METHOD_BUILDERS)
+  _, own_keys = METHOD_BUILDERS[method.name]
+  for key in own_keys:
+    if key not in method:
+      raise ConfigError(f"config.method.{key} is missing; method {method.name!r} needs "
+                        f"{', '.join(own_keys)}")
+  for key, value in method.items():
+    full = f"config.method.{key}"
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if is_number and (key.startswith("alpha") or key in ("epsilon", "beta")):
+      if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{full}={value} is outside [0, 1]")
+    if is_number and ("temperature" in key or key in ("tau", "T")) and value <= 0:
+      raise ConfigError(f"{full}={value} must be > 0")
+  if "refresh" in method:
+    _allowed("config.method.refresh", method.refresh, REFRESH_MODES)
+  if "storage_dtype" in method:
+    _allowed("config.method.storage_dtype", method.storage_dtype, STORAGE_DTYPES)
+
+
+def check_config(config, num_devices: int) -> None:
+  """Checks `config` on its own and against the device count. Raises ConfigError."""
+  from selfkd_jax.data import DATASET_NAMES
+  from selfkd_jax.models import MODEL_NAMES
+
+  for key in ("seed", "num_epochs", "batch_size"):
+    if key not in config:
+      raise ConfigError(f"config.{key} is missing")
+  if config.num_epochs <= 0:
+    raise ConfigError(f"config.num_epochs={config.num_epochs} must be > 0")
+  if config.batch_size <= 0 or config.batch_size % num_devices:
+    raise ConfigError(f"config.batch_size={config.batch_size} must be a positive multiple of "
+                      f"the device count ({num_devices})")
+  _allowed("config.parallel", config.parallel, PARALLEL_MODES)
+  _check_method(config.method)
+  _allowed("config.model.name", config.model.name, MODEL_NAMES)
+  _allowed("config.model.dtype", config.model.dtype, COMPUTE_DTYPES)
+  if config.data.name not in DATASET_NAMES and not _is_tfds_name(config.data.name):
+    raise ConfigError(f"config.data.name={config.data.name!r} is not a known dataset; allowed: "
+                      f"{', '.join(DATASET_NAMES)} or a TFDS dataset name (e.g. cifar100)")
+  if config.data.limit_train < 0:
+    raise ConfigError(f"config.data.limit_train={config.data.limit_train} must be >= 0 "
+                      "(0 = the whole training set)")
+  _allowed("config.optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
+  _allowed("config.optimizer.schedule", config.optimizer.schedule, optim.SCHEDULES)
+  if config.optimizer.learning_rate <= 0:
+    raise ConfigError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} "
+                      "must be > 0")
+
+
+def _is_tfds_name(name: str) -> bool:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:  # a registry look-up: no TensorFlow, no disk, no network
+    tfds.builder_cls(name.split(":")[0])
+  except tfds.core.registered.DatasetNotFoundError:
+    return False
+  return True
+
+
+def check_against_dataset(config, info) -> None:
+  """Checks the keys that depend on the dataset (class count, training set size)."""
+  if config.model.num_classes > 0 and config.model.num_classes != info.num_classes:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes} does not match "
+                      f"dataset {info.name!r}, which has {info.num_classes} classes "
+                      "(set it to that or to -1 = from the dataset)")
+  num_train = config.data.limit_train or info.num_train
+  if num_train < config.batch_size:
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than the training set "
+                      f"({num_train} examples)")
+
+
+def comparable(config_dict: dict) -> dict:
+  return {k: v for k, v in config_dict.items() if k not in RESUMABLE_KEYS}
+
+
+def check_workdir(config, workdir: str) -> None:
+  """Refuses a workdir whose checkpoints were written by a different config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = comparable(json.load(f))
+  current = comparable(json.loads(config.to_json()))
+  for key in sorted(set(saved) | set(current)):
+    if saved.get(key) != current.get(key):
+      raise ConfigError(
+          f"workdir {workdir} holds checkpoints of a different config (config.{key}: saved "
+          f"{_flat_diff(saved.get(key), current.get(key))}); use another --workdir")
+
+
+def _flat_diff(saved, current) -> str:
+  if isinstance(saved, dict) and isinstance(current, dict):
+    for key in sorted(set(saved) | set(current)):
+      if saved.get(key) != current.get(key):
+        return f"{key}={saved.get(key)!r}, now {current.get(key)!r}"
+  return f"{saved!r}, now {current!r}"

@@ -1,0 +1,353 @@
+"""The training loop: build, resume, train, evaluate, checkpoint, report.
+
+`train_and_evaluate(config, workdir)` is what `launch.py` calls. It is safe to call again on the
+same workdir at any time: it resumes from the latest checkpoint (exactly: the data order,
+augmentation and RNG are functions of the seed, the step and the example index) or, if the run
+finished, returns the saved results.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from selfkd_jax import data as data_lib
+from selfkd_jax import models
+from selfkd_jax.methods import pad_tables, table_bytes
+from selfkd_jax.metrics import classification_metrics
+from selfkd_jax.train import config_check, optim, parallel, run_log
+from selfkd_jax.train.checkpoint import Checkpointer
+from selfkd_jax.train.method_factory import build_method
+from selfkd_jax.train.state import TrainState
+from selfkd_jax.train.step import (Augmentation, make_eval_step, make_refresh_step,
+                                   make_train_step)
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the message names the step."""
+
+
+class Preempted(Exception):
+  """SIGTERM arrived; a checkpoint was saved before raising."""
+
+
+def select_devices(config) -> list:
+  devices = jax.devices()
+  wanted = config.get("num_devices", 0) or len(devices)
+  if wanted > len(devices):
+    raise config_check.ConfigError(f"config.num_devices={wanted} but only {len(devices)} "
+                                   "devices are visible")
+  return devices[:wanted]
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop checks between steps (so a save is never cut short)."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    if threading_is_main():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def threading_is_main() -> bool:
+  import threading  # pylint: disable=g-import-not-at-top
+  return threading.current_thread() is threading.main_thread()
+
+
+class Experiment:
+  """Everything about a run that is not state: data, model, method, optimizer, compiled steps."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.devices = select_devices(config)
+    config_check.check_config(config, len(self.devices))
+    config_check.check_workdir(config, workdir)
+
+    self.train_source, self.test_source, self.info = data_lib.load_splits(
+        config.data.name, data_dir=config.data.dir or None,
+        limit_train=config.data.limit_train or None)
+    config_check.check_against_dataset(config, self.info)
+    self.num_train = len(self.train_source)
+    self.num_classes = self.info.num_classes
+    self.steps_per_epoch = data_lib.steps_per_epoch(self.num_train, config.batch_size)
+    self.total_steps = self.steps_per_epoch * config.num_epochs
+
+    self.runner = parallel.make_runner(config.parallel, self.devices)
+    self.model = models.get_model(config.model.name, num_classes=self.num_classes,
+                                  dtype=COMPUTE_DTYPES[config.model.dtype],
+                                  bn_axis_name=parallel.AXIS,
+                                  **dict(config.model.get("kwargs", {})))
+    self.eval_model = self.model.clone(bn_axis_name=None)
+    self.method = build_method(config.method, num_examples=self.num_train,
+                               num_classes=self.num_classes, num_epochs=config.num_epochs)
+    self.tx, self.schedule = optim.make_optimizer(config.optimizer, self.steps_per_epoch,
+                                                  config.num_epochs)
+    self.augmentation = _augmentation(config.data, self.info)
+
+  # -- state ---------------------------------------------------------------------------------
+
+  def init_fn(self):
+    """Pure function building the initial global-layout state (jitted with out_shardings)."""
+    config, info = self.config, self.info
+
+    def init():
+      rng = jax.random.PRNGKey(config.seed)
+      init_rng, method_rng, run_rng = jax.random.split(rng, 3)
+      dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
+      variables = self.eval_model.init({"params": init_rng, "dropout": init_rng}, dummy,
+                                       train=False)
+      params = variables["params"]
+      method_state = pad_tables(self.method.init(method_rng), len(self.devices))
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        batch_stats=variables.get("batch_stats", {}),
+                        opt_state=self.tx.init(params), method_state=method_state, rng=run_rng)
+
+    return init
+
+  def initial_state(self, checkpointer: Checkpointer):
+    init = self.init_fn()
+    if checkpointer.latest_step() is not None:
+      return checkpointer.restore(self.runner.abstract_state(init)), True
+    return self.runner.init_state(init), False
+
+  # -- compiled steps ------------------------------------------------------------------------
+
+  def compile(self, abstract_state):
+    axis = parallel.AXIS
+    train_body = make_train_step(model=self.model, tx=self.tx, method=self.method,
+                                 steps_per_epoch=self.steps_per_epoch,
+                                 augmentation=self.augmentation, schedule=self.schedule,
+                                 axis_name=axis)
+    self.trace_count = 0
+
+    def counted_train_body(state, batch):
+      self.trace_count += 1  # runs at trace time only: counts compilations
+      return train_body(state, batch)
+
+    self.train_step = self.runner.compile_train(counted_train_body, abstract_state)
+    self.eval_step = self.runner.compile_eval(
+        make_eval_step(model=self.eval_model, augmentation=self.augmentation), abstract_state)
+    self.refresh_step = None
+    if self.method.refresh is not None:
+      self.refresh_step = self.runner.compile_refresh(
+          make_refresh_step(model=self.eval_model, method=self.method,
+                            augmentation=self.augmentation, axis_name=axis), abstract_state)
+
+  # -- passes over data ----------------------------------------------------------------------
+
+  def eval_batch_size(self) -> int:
+    size = self.config.get("eval_batch_size", 0) or self.config.batch_size
+    return size
+
+  def _sequential(self, source):
+    batches = data_lib.eval_batches(source, global_batch_size=self.eval_batch_size(),
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    return parallel.prefetch(batches, self.runner.put_batch)
+
+  def evaluate(self, state) -> dict[str, float]:
+    """Metrics over the whole test split, identical for any number of devices or hosts."""
+    stats, masks = [], []
+    for batch in self._sequential(self.test_source):
+      stats.append(self.runner.fetch(self.eval_step(state, batch)))
+      masks.append(self.runner.fetch(batch["mask"]))
+    keep = np.concatenate(masks) > 0
+    merged = {k: np.concatenate([s[k] for s in stats])[keep] for k in stats[0]}
+    return classification_metrics(merged)
+
+  def refresh(self, state):
+    for batch in self._sequential(self.train_source):
+      state = self.refresh_step(state, batch)
+    return state
+
+
+def _augmentation(data_config, info) -> Augmentation:
+  crop = info.crop_padding if data_config.crop_padding < 0 else data_config.crop_padding
+  flip = info.flip if data_config.flip < 0 else bool(data_config.flip)
+  if not data_config.augment:
+    crop, flip = 0, False
+  return Augmentation(crop_padding=int(crop), flip=bool(flip), mean=tuple(info.mean),
+                      std=tuple(info.std))
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming if possible) and returns the results dict."""
+  results_path = os.path.join(workdir, run_log.RESULTS_FILE)
+  experiment = Experiment(config, workdir)
+  if os.path.exists(results_path):
+    with open(results_path) as f:
+      return json.load(f)
+
+  log = run_log.RunLog(workdir)
+  if jax.process_index() == 0:
+    run_log.write_json_atomic(os.path.join(workdir, config_check.CONFIG_FILE),
+                              json.loads(config.to_json()))
+  checkpointer = Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
+  try:
+    return _train(experiment, checkpointer, log)
+  finally:
+    checkpointer.close()
+    log.close()
+
+
+def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunLog):
+  config, runner = experiment.config, experiment.runner
+  state, resumed = experiment.initial_state(checkpointer)
+  start_step = int(jax.device_get(state.step))
+  steps_per_epoch, total_steps = experiment.steps_per_epoch, experiment.total_steps
+  if resumed:
+    print(f"Resuming from step {start_step} ({checkpointer.directory})", flush=True)
+  experiment.compile(state)
+  state = runner.from_global(state)
+
+  completed_epochs = start_step // steps_per_epoch
+  history = log.read_eval_history(completed_epochs) if resumed else []
+  wall_before = history[-1]["wall_s"] if history else 0.0
+  started = time.time()
+  train_time, train_images = 0.0, 0
+  checkpoint_every = config.get("checkpoint_every_steps", 0) or steps_per_epoch
+  log_every = max(1, config.get("log_every_steps", 50))
+  pending: list[tuple[int, Any]] = []
+
+  def flush_metrics():
+    """Fetches pending step metrics (one host sync), stops on a non-finite loss, logs."""
+    if not pending:
+      return None
+    fetched = runner.metrics_to_host([m for _, m in pending])
+    for (step, _), values in zip(pending, fetched):
+      if not math.isfinite(float(values["loss"])):
+        last_good = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss ({float(values['loss'])}) at step {step} (epoch "
+            f"{step // steps_per_epoch}); the last good checkpoint is step {last_good} in "
+            f"{checkpointer.directory}")
+    last_step, last = pending[-1][0], fetched[-1]
+    log.write("train", last_step + 1, last)
+    pending.clear()
+    return last
+
+  def save(step):
+    flush_metrics()  # never checkpoint a state whose loss was not checked
+    checkpointer.save(step, runner.to_global(state))
+
+  batches = data_lib.TrainBatches(
+      experiment.train_source, seed=config.seed, global_batch_size=config.batch_size,
+      start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  device_batches = parallel.prefetch(iter(batches), runner.put_batch)
+  progress = _progress_bar(total_steps, start_step, config)
+  last_values = None
+  with _SigtermFlag() as sigterm:
+    try:
+      step = window_start = start_step
+      tick = time.time()
+      for batch in device_batches:
+        state, metrics = experiment.train_step(state, batch)
+        pending.append((step, metrics))
+        step += 1
+        if step % log_every == 0 or step % steps_per_epoch == 0:
+          last_values = flush_metrics() or last_values
+          now = time.time()
+          if window_start > start_step:  # the first window includes compilation
+            train_time += now - tick
+            train_images += (step - window_start) * config.batch_size
+          tick, window_start = now, step
+          _update_progress(progress, step, last_values, train_images, train_time)
+        if sigterm.raised:
+          save(step)
+          raise Preempted(f"SIGTERM: saved a checkpoint at step {step}; run the same command "
+                          "to resume")
+        if step % steps_per_epoch == 0:
+          epoch = step // steps_per_epoch
+          if experiment.refresh_step is not None:
+            state = experiment.refresh(state)
+          if epoch % config.get("eval_every_epochs", 1) == 0 or step == total_steps:
+            metrics_now = experiment.evaluate(state)
+            entry = {"epoch": epoch, "step": step,
+                     "wall_s": wall_before + time.time() - started, **metrics_now}
+            history.append(entry)
+            log.write("eval", step, {f"test_{k}": v for k, v in metrics_now.items()})
+            log.write_eval_history(history)
+            print(_epoch_line(epoch, config.num_epochs, last_values, metrics_now), flush=True)
+          tick = time.time()
+        if step % checkpoint_every == 0 or step == total_steps:
+          save(step)
+    finally:
+      batches.close()
+      if progress is not None:
+        progress.close()
+
+  final_state = runner.to_global(state)
+  results = _results(experiment, history, final_state, wall_before + time.time() - started,
+                     train_images / train_time if train_time > 0 else None)
+  log.write_results(results)
+  return results
+
+
+def _results(experiment, history, state, wall_s, images_per_s) -> dict[str, Any]:
+  config = experiment.config
+  final = history[-1]
+  best = max(history, key=lambda e: e["top1"])
+  return {
+      "test_top1": final["top1"], "test_top5": final["top5"], "test_nll": final["nll"],
+      "test_ece": final["ece"], "test_ece_10bins": final["ece_10bins"],
+      "test_aurc": final["aurc"], "best_test_top1": best["top1"], "best_epoch": best["epoch"],
+      "epochs": final["epoch"], "wall_s": wall_s, "images_per_s": images_per_s,
+      "method": config.method.name, "model": config.model.name, "dataset": config.data.name,
+      "seed": config.seed, "num_devices": len(experiment.devices),
+      "state_bytes_per_device": table_bytes(state.method_state, len(experiment.devices)),
+      # Compilations of the train step in this process (1 = no retrace across steps/epochs).
+      "train_step_compilations": experiment.trace_count,
+  }
+
+
+def _progress_bar(total_steps, start_step, config):
+  if not config.get("progress_bar", True) or jax.process_index() != 0:
+    return None
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+              file=sys.stderr, disable=None)
+
+
+def _update_progress(progress, step, values, images, seconds):
+  if progress is None or values is None:
+    return
+  progress.n = step
+  postfix = {"loss": f"{float(values['loss']):.4f}", "acc": f"{float(values['accuracy']):.3f}"}
+  if seconds > 0:
+    postfix["img/s"] = f"{images / seconds:.0f}"
+  progress.set_postfix(postfix, refresh=False)
+  progress.refresh()
+
+
+def _epoch_line(epoch, num_epochs, train_values, test) -> str:
+  train = ""
+  if train_values is not None:
+    train = (f"train loss {float(train_values['loss']):.4f} "
+             f"acc {float(train_values['accuracy']):.4f} | ")
+  return (f"epoch {epoch}/{num_epochs} | {train}test top1 {test['top1']:.4f} "
+          f"nll {test['nll']:.4f} ece {test['ece']:.4f}")

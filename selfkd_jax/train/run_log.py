@@ -1,0 +1,84 @@
+"""What a run writes besides checkpoints: JSON-lines metrics, TensorBoard events, results.json.
+
+Only process 0 writes. Files in the workdir:
+  metrics.jsonl   one JSON object per logged train step or evaluation
+  eval_history.json  evaluations so far (kept consistent with the checkpoint on resume)
+  tb/             TensorBoard event files
+  results.json    the final summary, written last (its presence marks a finished run)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import jax
+
+RESULTS_FILE = "results.json"
+EVAL_HISTORY_FILE = "eval_history.json"
+
+
+def write_json_atomic(path: str, payload) -> None:
+  """Writes JSON through a temporary file and a rename, so readers never see half a file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+    json.dump(payload, f, indent=1, sort_keys=True)
+  os.replace(f.name, path)
+
+
+class RunLog:
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.enabled = jax.process_index() == 0
+    self._metrics_file = None
+    self._tensorboard = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tb"))
+      except ImportError:  # TensorBoard is optional; the JSON lines hold the same numbers
+        self._tensorboard = None
+
+  def write(self, kind: str, step: int, values: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"kind": kind, "step": int(step), **{k: _plain(v) for k, v in values.items()}}
+    self._metrics_file.write(json.dumps(record) + "\n")
+    self._metrics_file.flush()
+    if self._tensorboard is not None:
+      for name, value in values.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self._tensorboard.add_scalar(f"{kind}/{name}", value, int(step))
+
+  def read_eval_history(self, up_to_epoch: int) -> list[dict]:
+    """Evaluations of epochs `<= up_to_epoch` (later ones belong to work lost in a crash)."""
+    path = os.path.join(self.workdir, EVAL_HISTORY_FILE)
+    if not os.path.exists(path):
+      return []
+    with open(path) as f:
+      return [e for e in json.load(f) if e["epoch"] <= up_to_epoch]
+
+  def write_eval_history(self, history: list[dict]) -> None:
+    if self.enabled:
+      write_json_atomic(os.path.join(self.workdir, EVAL_HISTORY_FILE), history)
+
+  def write_results(self, results: dict) -> None:
+    if self.enabled:
+      write_json_atomic(os.path.join(self.workdir, RESULTS_FILE), results)
+
+  def close(self) -> None:
+    if self._metrics_file is not None:
+      self._metrics_file.close()
+    if self._tensorboard is not None:
+      self._tensorboard.close()
+
+
+def _plain(value):
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return value

@@ -1,0 +1,125 @@
+"""Per-device step functions with named-axis collectives over the data axis.
+
+Each function here sees the device-local slice of the global batch and this device's shard of the
+per-example tables. `parallel.py` runs the same body with `jax.shard_map` under `jax.jit` or
+with `jax.pmap`. With `axis_name=None` the bodies run as plain single-device functions.
+
+The data path, once: batch -> augment (on device, keyed by epoch and example index) ->
+model.apply -> method.update -> per-example loss -> mean over the global batch -> gradients
+(pmean) -> optimizer -> new params, BatchNorm statistics and method state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from selfkd_jax.data.augment import augment_batch, normalize
+from selfkd_jax.methods import Method, MethodHooks
+from selfkd_jax.metrics import per_example_stats
+from selfkd_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  crop_padding: int
+  flip: bool
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+DROPOUT_BRANCH = 2**31 - 1
+# Padding rows of a refresh pass get this index; per-example tables drop writes beyond their end.
+PADDING_INDEX = 2**31 - 1
+
+
+def _pmean(x, axis_name):
+  return x if axis_name is None else lax.pmean(x, axis_name)
+
+
+def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
+                    steps_per_epoch: int, augmentation: Augmentation,
+                    schedule: Callable[[jax.Array], jax.Array],
+                    axis_name: str | None) -> Callable[[TrainState, Any], tuple]:
+  """The per-device train step `(state, batch) -> (state, metrics)`.
+
+  `batch` holds this device's `image` (uint8), `label` and `index`. Metrics are global means
+  (identical on every device).
+  """
+
+  def forward(variables, images, *, train):
+    if train:
+      return model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
+    return model.apply(variables, images, train=False)
+
+  def train_step(state: TrainState, batch):
+    epoch = state.step // steps_per_epoch
+    images = augment_batch(batch["image"], batch["index"], key=state.rng, epoch=epoch,
+                           crop_padding=augmentation.crop_padding, flip=augmentation.flip,
+                           mean=augmentation.mean, std=augmentation.std)
+    # Epochs fold small integers into `rng` for augmentation; dropout draws from a far branch.
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, DROPOUT_BRANCH), state.step)
+
+    def loss_fn(params):
+      variables = {"params": params, "batch_stats": state.batch_stats}
+      outputs, model_updates = model.apply(variables, images, train=True,
+                                           mutable=["batch_stats"],
+                                           rngs={"dropout": dropout_rng})
+      hooks = MethodHooks(forward=forward, variables=variables)
+      per_example, method_state, method_metrics = method.update(
+          state.method_state, outputs, batch, step=state.step, epoch=epoch,
+          axis_name=axis_name, hooks=hooks)
+      # All devices hold equal batch slices, so the mean of local means is the global mean.
+      loss = jnp.mean(per_example)
+      aux = (outputs, model_updates.get("batch_stats", {}), method_state, method_metrics)
+      return loss, aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    outputs, batch_stats, method_state, method_metrics = aux
+    grads = _pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    accuracy = jnp.mean(jnp.argmax(outputs["logits"], -1) == batch["label"])
+    metrics = {"loss": loss, "accuracy": accuracy.astype(jnp.float32),
+               "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+               **method_metrics}
+    metrics = _pmean(metrics, axis_name)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, method_state=method_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(*, model, augmentation: Augmentation) -> Callable:
+  """The per-device eval step `(state, batch) -> per-example stats` (eval mode, no augmentation)."""
+
+  def eval_step(state: TrainState, batch):
+    images = normalize(batch["image"], augmentation.mean, augmentation.std)
+    outputs = model.apply(state.variables(), images, train=False)
+    return per_example_stats(outputs["logits"], batch["label"])
+
+  return eval_step
+
+
+def make_refresh_step(*, model, method: Method, augmentation: Augmentation,
+                      axis_name: str | None) -> Callable:
+  """The per-device step of an end-of-epoch refresh pass over the training set.
+
+  Runs the model in eval mode on un-augmented training images and lets the method rebuild its
+  state from the outputs (PS-KD's `refresh='epoch_end_eval'`).
+  """
+
+  def refresh_step(state: TrainState, batch):
+    images = normalize(batch["image"], augmentation.mean, augmentation.std)
+    outputs = model.apply(state.variables(), images, train=False)
+    batch = dict(batch, index=jnp.where(batch["mask"] > 0, batch["index"], PADDING_INDEX))
+    method_state = method.refresh(state.method_state, outputs, batch, axis_name=axis_name)
+    return state.replace(method_state=method_state)
+
+  return refresh_step

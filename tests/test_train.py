@@ -1,0 +1,148 @@
+"""The trainer in-process: device-count independence, pmap == shard_map, no retrace, errors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from selfkd_jax.train import loop
+from selfkd_jax.train.config_check import ConfigError
+from selfkd_jax.train.default_config import fashion_mnist_recipe, method_config
+
+
+def tiny_config(**overrides):
+  """PS-KD on 512 Fashion-MNIST images, 2 epochs of 8 steps: BatchNorm, tables, eval, all of it."""
+  config = fashion_mnist_recipe()
+  config.method = method_config("pskd")
+  config.num_epochs = 2
+  config.batch_size = 64
+  config.data.limit_train = 512
+  config.progress_bar = False
+  config.log_every_steps = 4
+  config.eval_batch_size = 1000
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def final_state(workdir):
+  """The last checkpoint as a plain pytree of numpy arrays."""
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+  manager.close()
+  return jax.tree.map(np.asarray, state)
+
+
+# lr 0.01: at PS-KD's default 0.05 this tiny run (alpha 0.8 on a 50%-accurate model) amplifies
+# float32 rounding differences from ~1e-7 to ~1e-4 within 16 steps; at 0.01 they stay ~1e-7.
+DEVICE_COMPARISON_LR = 0.01
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one"))
+  results = loop.train_and_evaluate(
+      tiny_config(num_devices=1, **{"optimizer.learning_rate": DEVICE_COMPARISON_LR}), workdir)
+  return results, final_state(workdir)
+
+
+def test_four_devices_equal_one_device(one_device_run, tmp_path):
+  results_1, state_1 = one_device_run
+  results_4 = loop.train_and_evaluate(
+      tiny_config(num_devices=4, **{"optimizer.learning_rate": DEVICE_COMPARISON_LR}),
+      str(tmp_path))
+  state_4 = final_state(str(tmp_path))
+  # Past predictions: 512 rows, padded to a multiple of 4 (no padding needed here).
+  assert state_4["method_state"]["past_predictions"]["rows"].shape == (512, 10)
+  # Same images, same order, BatchNorm statistics reduced over devices: only the summation order
+  # of float reductions differs, so parameters agree to float32 rounding.
+  for path, a, b in zip(jax.tree_util.tree_leaves_with_path(state_1), jax.tree.leaves(state_1),
+                        jax.tree.leaves(state_4)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=str(path[0]))
+  assert results_4["num_devices"] == 4 and results_1["num_devices"] == 1
+  assert abs(results_4["test_top1"] - results_1["test_top1"]) <= 1e-3  # at most 1 of 1000
+  assert results_4["state_bytes_per_device"] * 4 == results_1["state_bytes_per_device"]
+
+
+def test_pmap_equals_shard_map(tmp_path):
+  shard_map_dir, pmap_dir = str(tmp_path / "sm"), str(tmp_path / "pm")
+  loop.train_and_evaluate(tiny_config(num_devices=2, num_epochs=1), shard_map_dir)
+  loop.train_and_evaluate(tiny_config(num_devices=2, num_epochs=1, parallel="pmap"), pmap_dir)
+  for a, b in zip(jax.tree.leaves(final_state(shard_map_dir)),
+                  jax.tree.leaves(final_state(pmap_dir))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_once_and_results_file(one_device_run, tmp_path):
+  results, state = one_device_run
+  assert results["train_step_compilations"] == 1  # 16 steps, 2 epochs, 2 evaluations
+  assert int(state["step"]) == 2 * (512 // 64)
+  for key in ("test_top1", "test_top5", "test_nll", "test_ece", "test_aurc", "best_test_top1",
+              "best_epoch", "epochs", "wall_s", "images_per_s", "method", "model", "dataset",
+              "seed"):
+    assert key in results
+  assert results["epochs"] == 2 and results["method"] == "pskd"
+  assert 0.0 <= results["test_ece"] <= 1.0 and results["test_top5"] >= results["test_top1"]
+
+
+def test_finished_run_is_not_trained_again(tmp_path):
+  config = tiny_config(num_devices=1, num_epochs=1)
+  first = loop.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f) == first
+  assert loop.train_and_evaluate(config, str(tmp_path)) == first
+
+
+def test_epoch_end_eval_refresh_writes_every_row(tmp_path):
+  config = tiny_config(num_devices=2, num_epochs=1)
+  config.method.refresh = "epoch_end_eval"
+  loop.train_and_evaluate(config, str(tmp_path))
+  rows = final_state(str(tmp_path))["method_state"]["past_predictions"]["rows"]
+  # Every training example got a clean prediction (a probability row), none left at zero.
+  np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_non_finite_loss_stops_with_the_step(tmp_path):
+  config = tiny_config(num_devices=1, num_epochs=1, log_every_steps=1,
+                       checkpoint_every_steps=1)
+  config.optimizer.learning_rate = 1e30
+  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss .* at step (\d+)") as err:
+    loop.train_and_evaluate(config, str(tmp_path))
+  bad_step = int(err.value.args[0].split("at step ")[1].split()[0])
+  assert bad_step >= 1
+  # The checkpoints written before the bad step are kept; no state after it was saved.
+  manager = ocp.CheckpointManager(os.path.join(tmp_path, "checkpoints"))
+  assert manager.latest_step() == bad_step
+  manager.close()
+  assert not os.path.exists(tmp_path / "results.json")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"method.alpha_T": 1.5}, "config.method.alpha_T=1.5 is outside [0, 1]"),
+    ({"method.name": "nope"}, "config.method.name='nope' is not allowed"),
+    ({"model.name": "vgg"}, "config.model.name='vgg' is not allowed"),
+    ({"batch_size": 66, "num_devices": 4}, "config.batch_size=66 must be a positive multiple"),
+    ({"model.num_classes": 100}, "config.model.num_classes=100 does not match"),
+    ({"data.name": "no_such_dataset"}, "config.data.name='no_such_dataset' is not a known"),
+    ({"method.refresh": "often"}, "config.method.refresh='often' is not allowed"),
+])
+def test_bad_config_is_one_clear_line(tmp_path, override, message):
+  with pytest.raises(ConfigError) as err:
+    loop.train_and_evaluate(tiny_config(**override), str(tmp_path))
+  assert message in str(err.value)
+  assert "\n" not in str(err.value)
+  assert not os.path.exists(tmp_path / "checkpoints")  # failed before anything was built
+
+
+def test_workdir_of_another_config_is_refused(tmp_path):
+  loop.train_and_evaluate(tiny_config(num_devices=1, num_epochs=1), str(tmp_path))
+  with pytest.raises(ConfigError, match="different config .*alpha_T"):
+    loop.train_and_evaluate(tiny_config(num_devices=1, num_epochs=1, **{"method.alpha_T": 0.5}),
+                            str(tmp_path))
