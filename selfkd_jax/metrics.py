@@ -42,7 +42,9 @@ def calibration_bins(confidence: np.ndarray, correct: np.ndarray,
   confidence = np.asarray(confidence, np.float64)
   correct = np.asarray(correct, np.float64)
   # Bin b holds confidences in (b/n, (b+1)/n]; a confidence of exactly 0 goes to bin 0.
-  bins = np.clip(np.ceil(confidence * num_bins).astype(np.int64) - 1, 0, num_bins - 1)
+  # By comparison with the edges (ceil(confidence * n) can round across an edge).
+  inner_edges = np.arange(1, num_bins) / num_bins
+  bins = np.searchsorted(inner_edges, confidence, side="left")
   return {
       "count": np.bincount(bins, minlength=num_bins).astype(np.float64),
       "confidence_sum": np.bincount(bins, weights=confidence, minlength=num_bins),
@@ -75,10 +77,11 @@ def classification_metrics(stats: Mapping[str, np.ndarray]) -> dict[str, float]:
   Returns top1, top5 (fractions), nll (mean), ece (15 bins), ece_10bins, aurc (fractions).
   """
   confidence, correct = stats["confidence"], stats["correct"]
+  mean = lambda x: float(np.mean(np.asarray(x, np.float64)))  # float32 means are inexact
   return {
-      "top1": float(np.mean(correct)),
-      "top5": float(np.mean(stats["top5_correct"])),
-      "nll": float(np.mean(stats["nll"])),
+      "top1": mean(correct),
+      "top5": mean(stats["top5_correct"]),
+      "nll": mean(stats["nll"]),
       "ece": expected_calibration_error(calibration_bins(confidence, correct, ECE_BINS)),
       "ece_10bins": expected_calibration_error(calibration_bins(confidence, correct, 10)),
       "aurc": area_under_risk_coverage(confidence, correct),

@@ -130,6 +130,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"model.name": "vgg"}, "config.model.name='vgg' is not allowed"),
     ({"batch_size": 66, "num_devices": 4}, "config.batch_size=66 must be a positive multiple"),
     ({"model.num_classes": 100}, "config.model.num_classes=100 does not match"),
+    ({"eval_batch_size": 90, "num_devices": 4}, "config.eval_batch_size=90 must be 0"),
     ({"data.name": "no_such_dataset"}, "config.data.name='no_such_dataset' is not a known"),
     ({"method.refresh": "often"}, "config.method.refresh='often' is not allowed"),
 ])

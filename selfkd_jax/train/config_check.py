@@ -65,6 +65,10 @@ def check_config(config, num_devices: int) -> None:
   if config.batch_size <= 0 or config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size={config.batch_size} must be a positive multiple of "
                       f"the device count ({num_devices})")
+  eval_batch_size = config.get("eval_batch_size", 0)
+  if eval_batch_size < 0 or eval_batch_size % num_devices:
+    raise ConfigError(f"config.eval_batch_size={eval_batch_size} must be 0 (= batch_size) or a "
+                      f"positive multiple of the device count ({num_devices})")
   _allowed("config.parallel", config.parallel, PARALLEL_MODES)
   _check_method(config.method)
   _allowed("config.model.name", config.model.name, MODEL_NAMES)
