@@ -1,0 +1,287 @@
+"""Train-step time of every method against plain cross-entropy, on one model, batch and device.
+
+What it measures: the wall time of one call of the jitted data-parallel train step (augment ->
+forward -> method update -> backward -> pmean -> optimizer), built from the same pieces the
+trainer uses (`parallel.make_runner('shard_map', ...)`, `models.get_model`,
+`method_factory.build_method`, `optim.make_optimizer`, `step.make_train_step`). Nothing is read
+from disk: images are random uint8 of the requested shape, labels random, and the indices of the
+timed batches are slices of one permutation of `num_examples` (so per-example tables are read and
+written at scattered rows, as in training).
+
+How: everything runs in one process. Each (method, dtype) is built, compiled and run for
+`--warmup` steps first. Then, in each of `--rounds` rounds, the methods take turns (round-robin)
+running `--steps` steps each, so slow phases of the machine hit all methods alike. Every step is
+timed on its own: the step is dispatched and its output (new state and metrics) waited for with
+`block_until_ready`, so each sample is one step's full latency and the reported `step_time_ms`
+is the MEDIAN over all rounds (p10 and p90 alongside). Waiting every step removes the overlap of
+host dispatch with device work that the trainer gets, which adds the (small, equal for all
+methods) dispatch cost to every sample; timing windows of many steps would hide it but give only
+a mean, not a per-step median. `ratio_to_ce` divides by CE's median for the same model, dtype
+and batch. The benchmark only measures; it never asserts on speed.
+
+GPU (CIFAR-100 scale):
+  python benchmarks/step_time.py --model=preact_resnet18 --batch_size=128 \
+      --dtypes=float32,bfloat16
+CPU (small model):
+  python benchmarks/step_time.py --model=lenet5_bn --image_shape=28,28,1 --num_classes=10 \
+      --num_examples=60000 --batch_size=128 --dtypes=float32,bfloat16
+
+Results go to `benchmarks/results/<device kind>.json` (or `--out`), and a markdown table to
+stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+# Runs from a checkout without installing the package: the repository root goes on the path.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+
+from selfkd_jax import models
+from selfkd_jax.methods import pad_tables, table_bytes
+from selfkd_jax.train import default_config, method_factory, optim, parallel
+from selfkd_jax.train.loop import COMPUTE_DTYPES
+from selfkd_jax.train.state import TrainState
+from selfkd_jax.train.step import Augmentation, make_train_step
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_slug(device_kind: str) -> str:
+  """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3' (the results file name)."""
+  return device_kind.strip().lower().replace(" ", "-")
+
+
+class _Case:
+  """One (method, dtype): its compiled train step, its live state and its timed samples."""
+
+  def __init__(self, method_name, dtype_name, *, runner, model_name, image_shape, num_classes,
+               num_examples, batch_size, augmentation, seed):
+    self.method_name, self.dtype_name = method_name, dtype_name
+    config = default_config.base_config()
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    model = models.get_model(model_name, num_classes=num_classes,
+                             dtype=COMPUTE_DTYPES[dtype_name], bn_axis_name=parallel.AXIS)
+    eval_model = model.clone(bn_axis_name=None)
+    method = method_factory.build_method(default_config.method_config(method_name),
+                                         num_examples=num_examples, num_classes=num_classes,
+                                         num_epochs=config.num_epochs)
+    tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
+
+    def init():  # as `loop.Experiment.init_fn`
+      init_rng, method_rng, run_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+      variables = eval_model.init({"params": init_rng, "dropout": init_rng},
+                                  jnp.zeros((1, *image_shape), jnp.float32), train=False)
+      params = variables["params"]
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        batch_stats=variables.get("batch_stats", {}),
+                        opt_state=tx.init(params),
+                        method_state=pad_tables(method.init(method_rng), runner.num_devices),
+                        rng=run_rng)
+
+    self.state = runner.init_state(init)
+    self.state_bytes_per_device = table_bytes(self.state.method_state, runner.num_devices)
+    body = make_train_step(model=model, tx=tx, method=method, steps_per_epoch=steps_per_epoch,
+                           augmentation=augmentation, schedule=schedule,
+                           axis_name=parallel.AXIS)
+    self.train_step = runner.compile_train(body, self.state)
+    self.samples_ms: list[float] = []
+    self.compile_s = None
+    self.compiled_memory_bytes = None
+    self.peak_memory_bytes = None
+
+  def compile(self, batch) -> None:
+    """Compiles for `batch`'s shapes; records compile time and XLA's memory estimate."""
+    start = time.perf_counter()
+    self.train_step = self.train_step.lower(self.state, batch).compile()
+    self.compile_s = time.perf_counter() - start
+    analysis = self.train_step.memory_analysis()
+    if analysis is not None:
+      self.compiled_memory_bytes = int(
+          analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+
+  def run(self, batches, record: bool) -> None:
+    """One step per batch, each waited for; appends the per-step wall times if `record`."""
+    for batch in batches:
+      start = time.perf_counter()
+      self.state, metrics = self.train_step(self.state, batch)
+      jax.block_until_ready((self.state, metrics))
+      if record:
+        self.samples_ms.append((time.perf_counter() - start) * 1e3)
+
+  def percentiles_ms(self) -> tuple[float, float, float]:
+    """p10, median and p90 of the recorded step times."""
+    return tuple(float(x) for x in np.percentile(self.samples_ms, [10, 50, 90]))
+
+
+def _synthetic_batches(runner, *, num_batches, batch_size, image_shape, num_classes,
+                       num_examples, seed):
+  """Device-resident batches: random uint8 images and labels, indices from one permutation."""
+  rng = np.random.default_rng(seed)
+  permutation = rng.permutation(num_examples).astype(np.int32)
+  batches = []
+  for i in range(num_batches):
+    start = (i * batch_size) % (num_examples - batch_size + 1)
+    host = {
+        "image": rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8),
+        "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
+        "index": permutation[start:start + batch_size],
+    }
+    batches.append(runner.put_batch(host))
+  return batches
+
+
+def _peak_memory_bytes(device) -> int | None:
+  stats = device.memory_stats()
+  if not stats or "peak_bytes_in_use" not in stats:
+    return None
+  return int(stats["peak_bytes_in_use"])
+
+
+def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
+                  model: str = "preact_resnet18", image_shape: Sequence[int] = (32, 32, 3),
+                  num_classes: int = 100, num_examples: int = 50_000, batch_size: int = 128,
+                  dtypes: Sequence[str] = ("float32", "bfloat16"), steps: int = 50,
+                  warmup: int = 5, rounds: int = 3, num_devices: int = 0,
+                  crop_padding: int = 4, flip: bool = True, seed: int = 0,
+                  log=None) -> list[dict[str, Any]]:
+  """Times the train step of each (method, dtype); returns one record per pair.
+
+  'ce' is always timed (added if missing) since every ratio is relative to it. The records
+  follow the order of `dtypes`, then `methods`.
+  """
+  log = log or (lambda message: print(message, file=sys.stderr, flush=True))
+  timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  methods = list(dict.fromkeys(["ce", *methods]))
+  unknown = ([m for m in methods if m not in method_factory.METHOD_NAMES]
+             + [d for d in dtypes if d not in COMPUTE_DTYPES])
+  if unknown:
+    raise ValueError(f"unknown {', '.join(unknown)}; methods: "
+                     f"{', '.join(method_factory.METHOD_NAMES)}; dtypes: "
+                     f"{', '.join(COMPUTE_DTYPES)}")
+  image_shape = tuple(int(s) for s in image_shape)
+  devices = jax.devices()
+  devices = devices[:num_devices or len(devices)]
+  if batch_size % len(devices):
+    raise ValueError(f"batch_size={batch_size} must be divisible by {len(devices)} devices")
+  if batch_size > num_examples:
+    raise ValueError(f"batch_size={batch_size} exceeds num_examples={num_examples}")
+  runner = parallel.make_runner("shard_map", devices)
+  channels = image_shape[-1]
+  augmentation = Augmentation(crop_padding=crop_padding, flip=flip, mean=(0.5,) * channels,
+                              std=(0.25,) * channels)
+  batches = _synthetic_batches(runner, num_batches=max(steps, warmup, 1), batch_size=batch_size,
+                               image_shape=image_shape, num_classes=num_classes,
+                               num_examples=num_examples, seed=seed)
+
+  cases = []
+  for dtype in dtypes:
+    for method in methods:
+      log(f"building {method} / {dtype}")
+      case = _Case(method, dtype, runner=runner, model_name=model, image_shape=image_shape,
+                   num_classes=num_classes, num_examples=num_examples, batch_size=batch_size,
+                   augmentation=augmentation, seed=seed)
+      case.compile(batches[0])
+      case.run(batches[:warmup], record=False)
+      # The process-wide high-water mark so far (it includes the cases built before this one).
+      case.peak_memory_bytes = _peak_memory_bytes(devices[0])
+      cases.append(case)
+
+  for r in range(rounds):
+    log(f"round {r + 1}/{rounds}")
+    for case in cases:
+      case.run(batches[:steps], record=True)
+
+  device = devices[0]
+  ce_median = {case.dtype_name: case.percentiles_ms()[1] for case in cases
+               if case.method_name == "ce"}
+  records = []
+  for case in cases:
+    p10, median, p90 = case.percentiles_ms()
+    records.append({
+        "method": case.method_name, "model": model, "batch_size": batch_size,
+        "dtype": case.dtype_name, "device": device.device_kind, "platform": device.platform,
+        "num_devices": len(devices), "image_shape": list(image_shape),
+        "num_classes": num_classes, "num_examples": num_examples,
+        "step_time_ms": median, "step_time_ms_p10": p10, "step_time_ms_p90": p90,
+        "ratio_to_ce": median / ce_median[case.dtype_name],
+        "images_per_s": batch_size / (median / 1e3), "timed_steps": len(case.samples_ms),
+        "state_bytes_per_device": case.state_bytes_per_device,
+        "peak_memory_bytes": case.peak_memory_bytes,
+        "compiled_memory_bytes": case.compiled_memory_bytes, "compile_s": case.compile_s,
+        "jax_version": jax.__version__, "timestamp": timestamp,
+    })
+  return records
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+  lines = ["| method | dtype | step ms (median) | p10–p90 ms | × CE | images/s | "
+           "table MiB/device |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+  for r in records:
+    lines.append(f"| {r['method']} | {r['dtype']} | {r['step_time_ms']:.2f} | "
+                 f"{r['step_time_ms_p10']:.2f}–{r['step_time_ms_p90']:.2f} | "
+                 f"{r['ratio_to_ce']:.3f} | {r['images_per_s']:.0f} | "
+                 f"{r['state_bytes_per_device'] / 2**20:.2f} |")
+  return "\n".join(lines)
+
+
+def _csv(text: str) -> list[str]:
+  return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--methods", type=_csv, default=list(method_factory.METHOD_NAMES),
+                      help="comma-separated; default: every name in METHOD_NAMES")
+  parser.add_argument("--model", default="preact_resnet18", choices=models.MODEL_NAMES)
+  parser.add_argument("--image_shape", type=lambda s: tuple(int(x) for x in _csv(s)),
+                      default=(32, 32, 3), help="H,W,C")
+  parser.add_argument("--num_classes", type=int, default=100)
+  parser.add_argument("--num_examples", type=int, default=50_000,
+                      help="rows of the per-example tables")
+  parser.add_argument("--batch_size", type=int, default=128, help="global, over all devices")
+  parser.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"],
+                      help=f"compute dtypes, from {', '.join(COMPUTE_DTYPES)}")
+  parser.add_argument("--steps", type=int, default=50, help="timed steps per method per round")
+  parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compiling")
+  parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds over methods")
+  parser.add_argument("--num_devices", type=int, default=0, help="0 = every visible device")
+  parser.add_argument("--crop_padding", type=int, default=4, help="augmentation: crop padding")
+  parser.add_argument("--flip", type=int, default=1, help="augmentation: random flip (0/1)")
+  parser.add_argument("--out", default="",
+                      help="output JSON (default: benchmarks/results/<device kind>.json)")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  args = parse_args(argv)
+  records = run_benchmark(methods=args.methods, model=args.model, image_shape=args.image_shape,
+                          num_classes=args.num_classes, num_examples=args.num_examples,
+                          batch_size=args.batch_size, dtypes=args.dtypes, steps=args.steps,
+                          warmup=args.warmup, rounds=args.rounds, num_devices=args.num_devices,
+                          crop_padding=args.crop_padding, flip=bool(args.flip))
+  out = args.out or os.path.join(RESULTS_DIR, device_slug(records[0]["device"]) + ".json")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(records, f, indent=1)
+    f.write("\n")
+  print(markdown_table(records))
+  print(f"\nwrote {out}")
+  return records
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,48 @@
+"""benchmarks/step_time.py in-process on the MLP: record fields, CE ratio, table bytes, --out."""
+
+import importlib.util
+import json
+import math
+import os
+
+import jax
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "step_time.py")
+
+KEYS = {"method", "model", "batch_size", "dtype", "device", "platform", "num_devices",
+        "step_time_ms", "step_time_ms_p10", "step_time_ms_p90", "ratio_to_ce", "images_per_s",
+        "state_bytes_per_device", "peak_memory_bytes", "jax_version", "timestamp"}
+
+
+def load_script():
+  spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_step_time_benchmark_on_mlp(tmp_path):
+  num_examples, num_classes = 1001, 10  # 1001 rows: padded to 1004 over 4 devices
+  out = tmp_path / "sub" / "bench.json"
+  records = load_script().main([
+      "--methods=ce,pskd", "--model=mlp", "--image_shape=28,28,1",
+      f"--num_classes={num_classes}", f"--num_examples={num_examples}", "--batch_size=32",
+      "--dtypes=float32", "--steps=2", "--warmup=1", "--rounds=1", f"--out={out}"])
+
+  assert json.loads(out.read_text()) == records
+  assert [r["method"] for r in records] == ["ce", "pskd"]
+  num_devices = len(jax.devices())
+  assert num_devices == 4  # tests/conftest.py
+  for record in records:
+    assert KEYS <= set(record), KEYS - set(record)
+    assert record["num_devices"] == num_devices
+    assert record["model"] == "mlp" and record["dtype"] == "float32"
+    assert record["timed_steps"] == 2
+    assert 0 < record["step_time_ms_p10"] <= record["step_time_ms"] <= record["step_time_ms_p90"]
+    assert math.isclose(record["images_per_s"], 32 / (record["step_time_ms"] / 1e3))
+    assert record["peak_memory_bytes"] is None or record["peak_memory_bytes"] > 0
+  ce, pskd = records
+  assert ce["ratio_to_ce"] == 1.0
+  assert ce["state_bytes_per_device"] == 0
+  padded_rows = -(-num_examples // num_devices) * num_devices
+  assert pskd["state_bytes_per_device"] == padded_rows * num_classes * 4 // num_devices
