@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -59,7 +60,7 @@ class _SigtermFlag:
     self._previous = None
 
   def __enter__(self):
-    if threading_is_main():
+    if threading.current_thread() is threading.main_thread():  # signals need the main thread
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -70,11 +71,6 @@ class _SigtermFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
-
-
-def threading_is_main() -> bool:
-  import threading  # pylint: disable=g-import-not-at-top
-  return threading.current_thread() is threading.main_thread()
 
 
 class Experiment:
