@@ -45,14 +45,13 @@ from typing import Any, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import jax.numpy as jnp
 import numpy as np
 
 from selfkd_jax import models
-from selfkd_jax.methods import pad_tables, table_bytes
+from selfkd_jax.methods import table_bytes
 from selfkd_jax.train import default_config, method_factory, optim, parallel
 from selfkd_jax.train.loop import COMPUTE_DTYPES
-from selfkd_jax.train.state import TrainState
+from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import Augmentation, make_train_step
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -79,17 +78,8 @@ class _Case:
                                          num_epochs=config.num_epochs)
     tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
 
-    def init():  # as `loop.Experiment.init_fn`
-      init_rng, method_rng, run_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
-      variables = eval_model.init({"params": init_rng, "dropout": init_rng},
-                                  jnp.zeros((1, *image_shape), jnp.float32), train=False)
-      params = variables["params"]
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        batch_stats=variables.get("batch_stats", {}),
-                        opt_state=tx.init(params),
-                        method_state=pad_tables(method.init(method_rng), runner.num_devices),
-                        rng=run_rng)
-
+    init = initial_state_fn(model=eval_model, method=method, tx=tx, image_shape=image_shape,
+                            seed=seed, num_devices=runner.num_devices)
     self.state = runner.init_state(init)
     self.state_bytes_per_device = table_bytes(self.state.method_state, runner.num_devices)
     body = make_train_step(model=model, tx=tx, method=method, steps_per_epoch=steps_per_epoch,

@@ -23,12 +23,12 @@ import numpy as np
 
 from selfkd_jax import data as data_lib
 from selfkd_jax import models
-from selfkd_jax.methods import pad_tables, table_bytes
+from selfkd_jax.methods import table_bytes
 from selfkd_jax.metrics import classification_metrics
 from selfkd_jax.train import config_check, optim, parallel, run_log
 from selfkd_jax.train.checkpoint import Checkpointer
 from selfkd_jax.train.method_factory import build_method
-from selfkd_jax.train.state import TrainState
+from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import (Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
 
@@ -108,21 +108,9 @@ class Experiment:
 
   def init_fn(self):
     """Pure function building the initial global-layout state (jitted with out_shardings)."""
-    config, info = self.config, self.info
-
-    def init():
-      rng = jax.random.PRNGKey(config.seed)
-      init_rng, method_rng, run_rng = jax.random.split(rng, 3)
-      dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
-      variables = self.eval_model.init({"params": init_rng, "dropout": init_rng}, dummy,
-                                       train=False)
-      params = variables["params"]
-      method_state = pad_tables(self.method.init(method_rng), len(self.devices))
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        batch_stats=variables.get("batch_stats", {}),
-                        opt_state=self.tx.init(params), method_state=method_state, rng=run_rng)
-
-    return init
+    return initial_state_fn(model=self.eval_model, method=self.method, tx=self.tx,
+                            image_shape=self.info.image_shape, seed=self.config.seed,
+                            num_devices=len(self.devices))
 
   def initial_state(self, checkpointer: Checkpointer):
     init = self.init_fn()

@@ -6,6 +6,9 @@ from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
+
+from selfkd_jax.methods import pad_tables
 
 
 @flax.struct.dataclass
@@ -30,3 +33,23 @@ class TrainState:
 
   def variables(self):
     return {"params": self.params, "batch_stats": self.batch_stats}
+
+
+def initial_state_fn(*, model, method, tx, image_shape, seed: int, num_devices: int):
+  """A pure function building the initial global-layout state (to be jitted with shardings).
+
+  Parameters and BatchNorm statistics come from `model.init` on one dummy image; the method's
+  per-example tables are padded to a multiple of `num_devices` so their rows split evenly.
+  """
+
+  def init() -> TrainState:
+    init_rng, method_rng, run_rng = jax.random.split(jax.random.PRNGKey(seed), 3)
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = model.init({"params": init_rng, "dropout": init_rng}, dummy, train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+                      method_state=pad_tables(method.init(method_rng), num_devices),
+                      rng=run_rng)
+
+  return init
