@@ -73,10 +73,14 @@ class _Case:
     model = models.get_model(model_name, num_classes=num_classes,
                              dtype=COMPUTE_DTYPES[dtype_name], bn_axis_name=parallel.AXIS)
     eval_model = model.clone(bn_axis_name=None)
-    method = method_factory.build_method(default_config.method_config(method_name),
-                                         num_examples=num_examples, num_classes=num_classes,
-                                         num_epochs=config.num_epochs)
     tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
+    context = method_factory.MethodContext(
+        num_examples=num_examples, num_classes=num_classes, num_epochs=config.num_epochs,
+        steps_per_epoch=steps_per_epoch,
+        feature_dim=models.feature_dim(eval_model, image_shape),
+        make_optimizer=lambda: optim.make_optimizer(config.optimizer, steps_per_epoch,
+                                                    config.num_epochs)[0])
+    method = method_factory.build_method(default_config.method_config(method_name), context)
 
     init = initial_state_fn(model=eval_model, method=method, tx=tx, image_shape=image_shape,
                             seed=seed, num_devices=runner.num_devices)

@@ -50,6 +50,33 @@ def test_cifar100_pskd_recipe_is_the_published_one():
   assert (config.data.crop_padding, config.data.flip) == (4, 1)
 
 
+def test_every_method_has_configs_and_fashion_mnist_shares_one_recipe():
+  from selfkd_jax.train.method_factory import METHOD_NAMES
+  reference = load(os.path.join(REPO, "configs", "fashion_mnist", "ce.py")).get_config()
+  for name in METHOD_NAMES:
+    path = os.path.join(REPO, "configs", "fashion_mnist", f"{name}.py")
+    assert os.path.exists(path), f"{name} has no Fashion-MNIST config"
+    twins = glob.glob(os.path.join(REPO, "configs", "cifar100", f"{name}_*.py"))
+    assert any(load(t).get_config().method.name == name for t in twins), name
+    config = load(path).get_config().to_dict()
+    config.pop("method")
+    expected = reference.to_dict()
+    expected.pop("method")
+    assert config == expected, f"{name}: the Fashion-MNIST recipe differs from CE's"
+
+
+def test_cifar100_tfkd_recipe_is_the_official_one():
+  config = load(os.path.join(REPO, "configs", "cifar100", "tfkd_reg_resnet18.py")).get_config()
+  assert (config.num_epochs, config.batch_size, config.model.name) == (200, 128, "resnet18")
+  opt = config.optimizer
+  assert (opt.learning_rate, opt.nesterov, opt.decay_factor, opt.warmup_epochs) == (
+      0.1, False, 0.2, 1.0)
+  assert tuple(opt.milestones) == (60, 120, 160)
+  method = config.method
+  assert (method.alpha, method.temperature, method.multiplier, method.correct_prob) == (
+      0.1, 20.0, 100.0, 0.99)
+
+
 def _opt(**values):
   base = dict(name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
               schedule="multistep", milestones=(150, 225), decay_factor=0.1, warmup_epochs=0.0)

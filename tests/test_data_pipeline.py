@@ -181,3 +181,49 @@ def test_prefetch_to_device_shards_batch_axis():
         rows = shard.index[0]
         np.testing.assert_array_equal(np.asarray(shard.data), expected[key][rows])
         assert rows.stop - rows.start == 2
+
+
+@pytest.mark.parametrize("start_step", [0, 7])
+def test_grain_reader_yields_the_same_batches(start_step):
+  source = _source()
+  kwargs = dict(seed=3, global_batch_size=8, start_step=start_step, num_steps=20)
+  with data.TrainBatches(source, reader="threads", **kwargs) as threads:
+    expected = list(threads)
+  with data.TrainBatches(source, reader="grain", num_workers=3, **kwargs) as grained:
+    assert len(grained) == 20 - start_step
+    got = list(grained)
+  assert len(got) == len(expected) == 20 - start_step
+  for a, b in zip(got, expected):
+    _assert_batches_equal(a, b)
+  padded = list(data.eval_batches(source, global_batch_size=16, reader="grain"))
+  for a, b in zip(padded, data.eval_batches(source, global_batch_size=16, reader="threads")):
+    _assert_batches_equal(a, b)
+  assert len(padded) == 4 and padded[-1]["mask"].sum() == 2
+
+
+def test_grain_reader_reraises_in_order_and_closes():
+  class Broken(data.ArraySource):
+    def get_batch(self, indices):
+      if indices[0] == first_of_step_2:
+        raise RuntimeError("disk on fire")
+      return super().get_batch(indices)
+
+  good = _source()
+  first_of_step_2 = data.train_batch_indices(0, 2, 50, 8)[0]
+  batches = data.TrainBatches(Broken(good.images, good.labels), seed=0, global_batch_size=8,
+                              start_step=0, num_steps=20, reader="grain")
+  got = []
+  with pytest.raises(RuntimeError, match="disk on fire"):
+    for batch in batches:
+      got.append(batch)
+  assert len(got) == 2
+  with pytest.raises(StopIteration):
+    next(batches)
+
+
+def test_reader_auto_picks_grain_for_tfds_only():
+  from selfkd_jax.data import grain_reader
+  assert not grain_reader.uses_grain("auto", _source())
+  assert grain_reader.uses_grain("grain", _source())
+  with pytest.raises(ValueError, match="allowed: auto, threads, grain"):
+    grain_reader.uses_grain("dali", _source())

@@ -158,14 +158,21 @@ def test_tfds_prepared_dataset(tmp_path):
   expected = sorted(tiny_image(0, i, (6, 5, 3)).tobytes() for i in range(12))
   got = sorted(image.tobytes() for image in train.get_batch(np.arange(12))["image"])
   assert got == expected
-  # limit_train and background reading work on TFDS sources too.
+  # limit_train and background reading (grain, the 'auto' reader of TFDS sources) work.
   limited, _, limited_info = data.load_splits("selfkd_tiny_images", data_dir=str(tmp_path),
                                               limit_train=8)
   assert len(limited) == 8 and limited_info.num_train == 8
+  from selfkd_jax.data import grain_reader
+  assert grain_reader.uses_grain("auto", limited)
   with TrainBatches(limited, seed=0, global_batch_size=4, start_step=0, num_steps=6,
                     num_workers=3) as batches:
-    indices = np.concatenate([b["index"] for b in batches])
+    assert isinstance(batches._reader, grain_reader.GrainReader)
+    got = list(batches)
+  indices = np.concatenate([b["index"] for b in got])
   np.testing.assert_array_equal(np.sort(indices[:8]), np.arange(8))
+  for step, batch in enumerate(got):
+    expected = limited.get_batch(data.train_batch_indices(0, step, 8, 4))
+    np.testing.assert_array_equal(batch["image"], expected["image"])
 
 
 def test_tfds_variable_size_images(tmp_path):

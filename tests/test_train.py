@@ -133,6 +133,11 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"eval_batch_size": 90, "num_devices": 4}, "config.eval_batch_size=90 must be 0"),
     ({"data.name": "no_such_dataset"}, "config.data.name='no_such_dataset' is not a known"),
     ({"method.refresh": "often"}, "config.method.refresh='often' is not allowed"),
+    ({"method.alpha": 0.1}, "config.method.alpha is not a key of method 'pskd'"),
+    ({"data.reader": "dali"}, "config.data.reader='dali' is not allowed"),
+    # Refused by the method's constructor, still before anything is compiled or written.
+    ({"method": method_config("tfkd_reg", variant="code")},
+     "config.method (tfkd_reg): tfkd_reg: unknown variant 'code'; allowed: faithful, paper"),
 ])
 def test_bad_config_is_one_clear_line(tmp_path, override, message):
   with pytest.raises(ConfigError) as err:

@@ -14,6 +14,7 @@ import numpy as np
 
 from selfkd_jax.data.background import OrderedReader
 from selfkd_jax.data.errors import DataError
+from selfkd_jax.data.grain_reader import GrainReader, uses_grain
 
 Batch = dict[str, np.ndarray]
 
@@ -79,17 +80,27 @@ def _host_slice(global_batch_size: int, process_index: int, process_count: int) 
   return slice(process_index * local, (process_index + 1) * local)
 
 
-class TrainBatches(OrderedReader[Batch]):
+def _reader(read, keys: range, *, source, reader: str, num_workers: int,
+            buffer_size: int | None):
+  """Reads `read(key)` for `keys` in order on background threads, ours or grain's."""
+  if uses_grain(reader, source):
+    return GrainReader(read, keys, num_threads=num_workers, buffer_size=buffer_size)
+  return OrderedReader((functools.partial(read, k) for k in keys), num_workers=num_workers,
+                       buffer_size=buffer_size, length=len(keys))
+
+
+class TrainBatches:
   """Host-local train batches of global steps start_step .. num_steps-1.
 
   Yields `{'image': uint8 [b, H, W, C], 'label': int32 [b], 'index': int32 [b]}` with
   b = global_batch_size // process_count: this host's contiguous slice of the global batch.
-  Reads run on background threads (see `OrderedReader`); close it or use `with`.
+  Reads run on background threads (`OrderedReader`, or grain's for `reader='grain'`); close it
+  or use `with`.
   """
 
   def __init__(self, source, *, seed: int, global_batch_size: int, start_step: int,
                num_steps: int, process_index: int = 0, process_count: int = 1,
-               num_workers: int = 2, buffer_size: int | None = None):
+               num_workers: int = 2, buffer_size: int | None = None, reader: str = "auto"):
     """Starts reading.
 
     Args:
@@ -102,6 +113,8 @@ class TrainBatches(OrderedReader[Batch]):
       process_count: number of hosts (jax.process_count()).
       num_workers: reader threads.
       buffer_size: batches read ahead (default 2 * num_workers).
+      reader: 'threads', 'grain', or 'auto' (grain for TFDS sources; see `grain_reader`).
+        The batches are the same whichever reads them.
     """
     num_examples = len(source)
     steps_per_epoch(num_examples, global_batch_size)  # Fail here, not in a worker thread.
@@ -113,13 +126,30 @@ class TrainBatches(OrderedReader[Batch]):
       indices = train_batch_indices(seed, step, num_examples, global_batch_size)[host]
       return source.get_batch(indices)
 
-    super().__init__((functools.partial(read, step) for step in range(start_step, num_steps)),
-                     num_workers=num_workers, buffer_size=buffer_size,
-                     length=num_steps - start_step)
+    self._reader = _reader(read, range(start_step, num_steps), source=source, reader=reader,
+                           num_workers=num_workers, buffer_size=buffer_size)
+
+  def __iter__(self) -> "TrainBatches":
+    return self
+
+  def __next__(self) -> Batch:
+    return next(self._reader)
+
+  def __len__(self) -> int:
+    return len(self._reader)
+
+  def close(self) -> None:
+    self._reader.close()
+
+  def __enter__(self) -> "TrainBatches":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
 
 
 def eval_batches(source, *, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, num_workers: int = 2) -> OrderedReader[Batch]:
+                 process_count: int = 1, num_workers: int = 2, reader: str = "auto"):
   """Host-local batches covering the split once, in order, with a padding mask.
 
   The global batches are consecutive runs of indices; the last is padded to full size so
@@ -128,8 +158,8 @@ def eval_batches(source, *, global_batch_size: int, process_index: int = 0,
   whatever the number of devices and hosts.
 
   Returns:
-    An `OrderedReader` (iterable, closeable, with len) of `{'image', 'label', 'index',
-    'mask'}` (mask float32 [b], 1 real, 0 padding).
+    A reader (iterable, closeable, with len; `reader` as in `TrainBatches`) of
+    `{'image', 'label', 'index', 'mask'}` (mask float32 [b], 1 real, 0 padding).
   """
   num_examples = len(source)
   if global_batch_size < 1:
@@ -149,8 +179,8 @@ def eval_batches(source, *, global_batch_size: int, process_index: int = 0,
     batch["mask"] = real.astype(np.float32)
     return batch
 
-  return OrderedReader((functools.partial(read, k) for k in range(num_batches)),
-                       num_workers=num_workers, length=num_batches)
+  return _reader(read, range(num_batches), source=source, reader=reader,
+                 num_workers=num_workers, buffer_size=None)
 
 
 def prefetch_to_device(iterator: Iterable[Batch], sharding: jax.sharding.Sharding,

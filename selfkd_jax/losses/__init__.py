@@ -18,6 +18,7 @@ from selfkd_jax.losses.classification import cross_entropy
 from selfkd_jax.losses.classification import distillation_kl
 from selfkd_jax.losses.classification import smooth_labels
 from selfkd_jax.losses.classification import soft_cross_entropy
+from selfkd_jax.losses.classification import target_kl
 from selfkd_jax.losses.cskd import cskd_loss
 from selfkd_jax.losses.dkd import dkd_loss
 from selfkd_jax.losses.pskd import pskd_alpha
@@ -41,6 +42,7 @@ __all__ = (
     'relation_matrix',
     'smooth_labels',
     'soft_cross_entropy',
+    'target_kl',
     'zipf_loss',
     'zipf_targets',
 )

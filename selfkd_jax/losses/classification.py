@@ -66,6 +66,38 @@ def soft_cross_entropy(
   return -jnp.sum(targets * log_probs, axis=-1)
 
 
+def target_kl(
+    logits: jax.typing.ArrayLike,
+    targets: jax.typing.ArrayLike,
+    *,
+    temperature: jax.typing.ArrayLike = 1.0,
+) -> jax.Array:
+  r"""KL divergence from fixed target distributions to the tempered student, per example.
+
+  .. math::
+    L = \mathrm{KL}\big(t \,\|\, \mathrm{softmax}(z / \tau)\big)
+      = \textstyle\sum_k t_k (\log t_k - \log \mathrm{softmax}(z/\tau)_k),
+
+  with `0 · log 0 = 0`. Unlike `distillation_kl` the teacher is given as probabilities (a
+  virtual teacher such as the uniform or corrected-uniform distribution) and is not
+  re-tempered, and there is no `τ²` factor: methods that want one multiply it in. It differs
+  from `soft_cross_entropy(z/τ, t)` by the constant entropy of `t`, so its gradient is the same
+  but its value is 0 at the optimum. The gradient into `targets` is stopped.
+
+  Args:
+    logits: `[..., C]` student logits.
+    targets: `[..., C]` target distributions (rows summing to 1), broadcastable to `logits`.
+    temperature: `τ > 0` applied to the student only.
+
+  Returns:
+    `[...]` float32 losses.
+  """
+  temperature = _common.to_float(temperature)
+  log_q = jax.nn.log_softmax(_common.to_float(logits) / temperature, axis=-1)
+  targets = jnp.broadcast_to(jax.lax.stop_gradient(_common.to_float(targets)), log_q.shape)
+  return _common.kl_divergence(targets, _common.safe_log(targets), log_q)
+
+
 def distillation_kl(
     student_logits: jax.typing.ArrayLike,
     teacher_logits: jax.typing.ArrayLike,

@@ -2,6 +2,7 @@
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from selfkd_jax.models.lenet import LeNet5BN
@@ -54,3 +55,12 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
         f"model {name!r} fixes {', '.join(clash)}; pick another name instead")
   return cls(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
              **fixed, **kwargs)
+
+
+def feature_dim(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+  """Width of `outputs['features']` for images of `image_shape` (shape inference only)."""
+  def outputs(x):
+    variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=False)
+    return model.apply(variables, x, train=False)
+  shapes = jax.eval_shape(outputs, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+  return int(shapes['features'].shape[-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+from selfkd_jax.data.grain_reader import READERS
 from selfkd_jax.train import optim
 from selfkd_jax.train.method_factory import METHOD_BUILDERS, STORAGE_DTYPES
 
@@ -38,6 +39,10 @@ def _check_method(method) -> None:
     if key not in method:
       raise ConfigError(f"config.method.{key} is missing; method {method.name!r} needs "
                         f"{', '.join(own_keys)}")
+  for key in method:
+    if key != "name" and key not in own_keys:
+      raise ConfigError(f"config.method.{key} is not a key of method {method.name!r}; its "
+                        f"keys: {', '.join(own_keys) or 'none'}")
   for key, value in method.items():
     full = f"config.method.{key}"
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -76,6 +81,7 @@ def check_config(config, num_devices: int) -> None:
   if config.data.name not in DATASET_NAMES and not _is_tfds_name(config.data.name):
     raise ConfigError(f"config.data.name={config.data.name!r} is not a known dataset; allowed: "
                       f"{', '.join(DATASET_NAMES)} or a TFDS dataset name (e.g. cifar100)")
+  _allowed("config.data.reader", config.data.get("reader", "auto"), READERS)
   if config.data.limit_train < 0:
     raise ConfigError(f"config.data.limit_train={config.data.limit_train} must be >= 0 "
                       "(0 = the whole training set)")

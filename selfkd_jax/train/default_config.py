@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from selfkd_jax.train.method_factory import method_defaults
+
 
 def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -31,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.name = "fashion_mnist"
   config.data.dir = ""               # '' = the dataset's default location
   config.data.limit_train = 0        # > 0: train on the first N examples only (smoke runs)
+  config.data.reader = "auto"        # 'auto' (grain for TFDS, threads for arrays), 'threads', 'grain'
   config.data.augment = True
   config.data.crop_padding = -1      # -1 = the dataset's default
   config.data.flip = -1              # -1 = the dataset's default, 0 = off, 1 = on
@@ -50,11 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
 
 def method_config(name: str, **values) -> ml_collections.ConfigDict:
   """`config.method` for `name` with its defaults, overridden by `values`."""
-  defaults = {
-      "ce": {},
-      "ls": {"epsilon": 0.1, "exclude_target": False},
-      "pskd": {"alpha_T": 0.8, "refresh": "step", "storage_dtype": "float32"},
-  }[name]
+  defaults = method_defaults(name)
+  unknown = sorted(set(values) - set(defaults))
+  if unknown:
+    raise ValueError(f"method {name!r} has no key(s) {', '.join(unknown)}; its keys: "
+                     f"{', '.join(defaults) or 'none'}")
   return ml_collections.ConfigDict({"name": name, **defaults, **values})
 
 
@@ -95,6 +98,25 @@ def cifar100_pskd_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.decay_factor = 0.1
   config.optimizer.weight_decay = 5e-4
   config.log_every_steps = 100
+  _apply_arg(config, arg)
+  return config
+
+
+def cifar100_tfkd_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Tf-KD's CIFAR-100 recipe (Yuan et al. 2020, yuanli2333/Teacher-free-Knowledge-Distillation).
+
+  ResNet-18 (their CIFAR ResNet-18 = our 'resnet18'), 200 epochs, batch 128, SGD momentum 0.9
+  (no Nesterov), lr 0.1 with a linear warm-up over epoch 0 and x0.2 at epochs 60, 120 and 160,
+  weight decay 5e-4, random crop (pad 4) + horizontal flip (`train_kd.py`, `main.py`,
+  `experiments/base_experiments/base_resnet18/params.json`).
+  """
+  config = cifar100_pskd_recipe(None)
+  config.model.name = "resnet18"
+  config.num_epochs = 200
+  config.optimizer.nesterov = False
+  config.optimizer.milestones = (60, 120, 160)
+  config.optimizer.decay_factor = 0.2
+  config.optimizer.warmup_epochs = 1.0
   _apply_arg(config, arg)
   return config
 

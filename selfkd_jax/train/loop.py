@@ -27,7 +27,7 @@ from selfkd_jax.methods import table_bytes
 from selfkd_jax.metrics import classification_metrics
 from selfkd_jax.train import config_check, optim, parallel, run_log
 from selfkd_jax.train.checkpoint import Checkpointer
-from selfkd_jax.train.method_factory import build_method
+from selfkd_jax.train.method_factory import MethodContext, build_method
 from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import (Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
@@ -98,11 +98,25 @@ class Experiment:
                                   bn_axis_name=parallel.AXIS,
                                   **dict(config.model.get("kwargs", {})))
     self.eval_model = self.model.clone(bn_axis_name=None)
-    self.method = build_method(config.method, num_examples=self.num_train,
-                               num_classes=self.num_classes, num_epochs=config.num_epochs)
     self.tx, self.schedule = optim.make_optimizer(config.optimizer, self.steps_per_epoch,
                                                   config.num_epochs)
+    self.method = self._build_method()
     self.augmentation = _augmentation(config.data, self.info)
+
+  def _build_method(self):
+    config = self.config
+    context = MethodContext(
+        num_examples=self.num_train, num_classes=self.num_classes,
+        num_epochs=config.num_epochs, steps_per_epoch=self.steps_per_epoch,
+        feature_dim=models.feature_dim(self.eval_model, self.info.image_shape),
+        make_optimizer=lambda: optim.make_optimizer(config.optimizer, self.steps_per_epoch,
+                                                    config.num_epochs)[0],
+        dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
+        log=_log_line)
+    try:
+      return build_method(config.method, context)
+    except ValueError as e:  # a value the method's constructor refuses: a config error
+      raise config_check.ConfigError(f"config.method ({config.method.name}): {e}") from None
 
   # -- state ---------------------------------------------------------------------------------
 
@@ -149,6 +163,7 @@ class Experiment:
 
   def _sequential(self, source):
     batches = data_lib.eval_batches(source, global_batch_size=self.eval_batch_size(),
+                                    reader=self.config.data.get("reader", "auto"),
                                     process_index=jax.process_index(),
                                     process_count=jax.process_count())
     return parallel.prefetch(batches, self.runner.put_batch)
@@ -167,6 +182,11 @@ class Experiment:
     for batch in self._sequential(self.train_source):
       state = self.refresh_step(state, batch)
     return state
+
+
+def _log_line(message: str) -> None:
+  if jax.process_index() == 0:
+    print(message, flush=True)
 
 
 def _augmentation(data_config, info) -> Augmentation:
@@ -241,7 +261,7 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
   batches = data_lib.TrainBatches(
       experiment.train_source, seed=config.seed, global_batch_size=config.batch_size,
       start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(), reader=config.data.get("reader", "auto"))
   device_batches = parallel.prefetch(iter(batches), runner.put_batch)
   progress = _progress_bar(total_steps, start_step, config)
   last_values = None

@@ -1,39 +1,100 @@
-"""From `config.method` to a `Method`: the one place that maps method names to constructors."""
+"""From `config.method` to a `Method`: the one place that maps method names to constructors.
+
+Each builder gets the method's own config and a `MethodContext`: what the run knows that a
+method may need (dataset size, classes, epochs, the model's feature width, an optimizer for
+method-owned heads). Method modules never see the config.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any, Callable
+
 import jax.numpy as jnp
+import optax
 
 from selfkd_jax import methods
 
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
-def _cross_entropy(cfg, num_examples, num_classes, num_epochs):
-  del cfg, num_examples, num_classes, num_epochs
+@dataclasses.dataclass(frozen=True)
+class MethodContext:
+  """What a method builder may use besides its own config.
+
+  Attributes:
+    num_examples: training examples (the per-example tables' rows).
+    num_classes: classes of the dataset.
+    num_epochs: the run's epochs (schedules such as PS-KD's alpha).
+    steps_per_epoch: optimizer steps per epoch.
+    feature_dim: width of the model's `outputs['features']` (the classifier's input).
+    make_optimizer: a fresh optax transformation with the run's optimizer and schedule, for
+      heads a method owns and trains itself (RAS-KD's auxiliary classifier).
+    dataset: dataset name; data_dir: its folder ('' = default); seed: the run's seed.
+    log: where a builder reports long one-off work (e.g. making an artifact).
+  """
+  num_examples: int
+  num_classes: int
+  num_epochs: int
+  steps_per_epoch: int = 1
+  feature_dim: int = 0
+  make_optimizer: Callable[[], optax.GradientTransformation] | None = None
+  dataset: str = ""
+  data_dir: str = ""
+  seed: int = 0
+  log: Callable[[str], Any] = print
+
+
+def _cross_entropy(cfg, ctx):
+  del cfg, ctx
   return methods.cross_entropy()
 
 
-def _label_smoothing(cfg, num_examples, num_classes, num_epochs):
-  del num_examples, num_classes, num_epochs
+def _label_smoothing(cfg, ctx):
+  del ctx
   return methods.label_smoothing(cfg.epsilon, exclude_target=cfg.exclude_target)
 
 
-def _pskd(cfg, num_examples, num_classes, num_epochs):
-  return methods.pskd(num_examples, num_classes, num_epochs, alpha_T=cfg.alpha_T,
+def _pskd(cfg, ctx):
+  return methods.pskd(ctx.num_examples, ctx.num_classes, ctx.num_epochs, alpha_T=cfg.alpha_T,
                       refresh=cfg.refresh, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype])
 
 
-# name -> (constructor, the method's own config keys beyond `name`).
-METHOD_BUILDERS = {
-    "ce": (_cross_entropy, ()),
-    "ls": (_label_smoothing, ("epsilon", "exclude_target")),
-    "pskd": (_pskd, ("alpha_T", "refresh", "storage_dtype")),
+def _tfkd_reg(cfg, ctx):
+  del ctx
+  return methods.tfkd_reg(alpha=cfg.alpha, temperature=cfg.temperature,
+                          correct_prob=cfg.correct_prob, multiplier=cfg.multiplier,
+                          variant=cfg.variant)
+
+
+def _lsrkd(cfg, ctx):
+  del ctx
+  return methods.lsrkd(alpha=cfg.alpha, temperature=cfg.temperature)
+
+
+def _lsrkd_tc(cfg, ctx):
+  del ctx
+  return methods.lsrkd(alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta)
+
+
+# name -> (builder, the method's own config keys beyond `name`, with their defaults).
+METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
+    "ce": (_cross_entropy, {}),
+    "ls": (_label_smoothing, {"epsilon": 0.1, "exclude_target": False}),
+    "pskd": (_pskd, {"alpha_T": 0.8, "refresh": "step", "storage_dtype": "float32"}),
+    "tfkd_reg": (_tfkd_reg, {"alpha": 0.1, "temperature": 20.0, "correct_prob": 0.99,
+                             "multiplier": 100.0, "variant": "faithful"}),
+    "lsrkd": (_lsrkd, {"alpha": 0.1, "temperature": 2.0}),
+    "lsrkd_tc": (_lsrkd_tc, {"alpha": 0.1, "temperature": 2.0, "beta": 0.5}),
 }
 METHOD_NAMES = tuple(METHOD_BUILDERS)
 
+def method_defaults(name: str) -> dict[str, Any]:
+  """The method's own config keys and their defaults."""
+  return dict(METHOD_BUILDERS[name][1])
 
-def build_method(method_config, *, num_examples: int, num_classes: int,
-                 num_epochs: int) -> methods.Method:
+
+def build_method(method_config, context: MethodContext) -> methods.Method:
+  """Builds the method; a value its constructor refuses raises a one-line ValueError."""
   builder, _ = METHOD_BUILDERS[method_config.name]
-  return builder(method_config, num_examples, num_classes, num_epochs)
+  return builder(method_config, context)
