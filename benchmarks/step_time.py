@@ -77,7 +77,7 @@ class _Case:
     context = method_factory.MethodContext(
         num_examples=num_examples, num_classes=num_classes, num_epochs=config.num_epochs,
         steps_per_epoch=steps_per_epoch,
-        feature_dim=models.feature_dim(eval_model, image_shape),
+        output_shapes=models.output_shapes(eval_model, image_shape),
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, steps_per_epoch,
                                                     config.num_epochs)[0])
     method = method_factory.build_method(default_config.method_config(method_name), context)

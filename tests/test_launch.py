@@ -18,6 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FLAGS = ["--config=configs/fashion_mnist/pskd.py:smoke", "--config.num_epochs=6",
              "--config.checkpoint_every_steps=5", "--config.progress_bar=False",
              "--config.num_devices=2"]
+# RAS-KD carries prototypes, class flags, and an auxiliary head with its own optimizer state.
+RAS_KD_FLAGS = ["--config=configs/fashion_mnist/ras_kd.py:smoke", *RUN_FLAGS[1:]]
 
 
 def _env():
@@ -58,11 +60,12 @@ def checkpoint_leaves(workdir):
   return step, [np.asarray(x) for x in jax.tree.leaves(state)]
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("run_flags", [RUN_FLAGS, RAS_KD_FLAGS], ids=["pskd", "ras_kd"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, run_flags):
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  assert launch(straight, *RUN_FLAGS).returncode == 0
+  assert launch(straight, *run_flags).returncode == 0
 
-  process = start(killed, *RUN_FLAGS)
+  process = start(killed, *run_flags)
   wait_for_checkpoint(killed, process)
   process.send_signal(signal.SIGKILL)
   process.wait()
@@ -70,7 +73,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   process.stderr.close()
   assert not os.path.exists(os.path.join(killed, "results.json")), "the run was not interrupted"
 
-  resumed = launch(killed, *RUN_FLAGS)
+  resumed = launch(killed, *run_flags)
   assert resumed.returncode == 0, resumed.stderr
   assert "Resuming from step" in resumed.stdout
 
@@ -78,7 +81,8 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
   step_b, leaves_b = checkpoint_leaves(killed)
   assert step_a == step_b == 6 * 16
   assert len(leaves_a) == len(leaves_b)
-  for a, b in zip(leaves_a, leaves_b):  # params, BN stats, optimizer, past predictions, RNG
+  # params, BN stats, optimizer, RNG and the method state (past predictions; prototypes, head)
+  for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
   with open(os.path.join(straight, "results.json")) as f:
     results_a = json.load(f)

@@ -90,6 +90,12 @@ def test_compiled_once_and_results_file(one_device_run, tmp_path):
     assert key in results
   assert results["epochs"] == 2 and results["method"] == "pskd"
   assert 0.0 <= results["test_ece"] <= 1.0 and results["test_top5"] >= results["test_top1"]
+  # The stored calibration bins reproduce the reported top-1 and ECE (10000 test images).
+  bins = {k: np.asarray(v) for k, v in results["test_calibration_bins"].items()}
+  assert bins["count"].shape == (15,) and bins["count"].sum() == 10000
+  np.testing.assert_allclose(bins["correct_sum"].sum() / 10000, results["test_top1"])
+  np.testing.assert_allclose(
+      np.abs(bins["correct_sum"] - bins["confidence_sum"]).sum() / 10000, results["test_ece"])
 
 
 def test_finished_run_is_not_trained_again(tmp_path):
@@ -135,6 +141,7 @@ def test_non_finite_loss_stops_with_the_step(tmp_path):
     ({"method.refresh": "often"}, "config.method.refresh='often' is not allowed"),
     ({"method.alpha": 0.1}, "config.method.alpha is not a key of method 'pskd'"),
     ({"data.reader": "dali"}, "config.data.reader='dali' is not allowed"),
+    ({"method": method_config("zipf")}, "dense=True needs a model with dense per-position"),
     # Refused by the method's constructor, still before anything is compiled or written.
     ({"method": method_config("tfkd_reg", variant="code")},
      "config.method (tfkd_reg): tfkd_reg: unknown variant 'code'; allowed: faithful, paper"),

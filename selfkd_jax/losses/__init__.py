@@ -26,6 +26,7 @@ from selfkd_jax.losses.pskd import pskd_targets
 from selfkd_jax.losses.ras_kd import relation_matrix
 from selfkd_jax.losses.reffakd import class_similarity
 from selfkd_jax.losses.reffakd import reffakd_soft_labels
+from selfkd_jax.losses.zipf import zipf_logit_targets
 from selfkd_jax.losses.zipf import zipf_loss
 from selfkd_jax.losses.zipf import zipf_targets
 
@@ -43,6 +44,7 @@ __all__ = (
     'smooth_labels',
     'soft_cross_entropy',
     'target_kl',
+    'zipf_logit_targets',
     'zipf_loss',
     'zipf_targets',
 )

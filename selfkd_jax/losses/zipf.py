@@ -1,4 +1,5 @@
-"""Zipf's label smoothing: rank-based non-target targets from dense (per-position) votes."""
+"""Zipf's label smoothing: rank-based non-target targets, from dense (per-position) votes
+(`zipf_targets`) or from the sample's own logits (`zipf_logit_targets`), and the KL term."""
 import jax
 import jax.numpy as jnp
 
@@ -8,9 +9,10 @@ from selfkd_jax.losses import _common
 def _vote_ranks(votes: jax.Array) -> jax.Array:
   """`1 + #classes with strictly more votes` (ties share the minimum rank).
 
-  Equals scipy's `rankdata(-votes, method='min')`. A sort plus a binary search per class is
-  O(C log C) per example; the pairwise comparison would need a `[..., C, C]` array, too big
-  for ImageNet-sized C and large batches.
+  Equals scipy's `rankdata(-votes, method='min')`, for integer vote counts and for any
+  real scores (logits) alike. A sort plus a binary search per class is O(C log C) per
+  example; the pairwise comparison would need a `[..., C, C]` array, too big for
+  ImageNet-sized C and large batches.
   """
   num_classes = votes.shape[-1]
   flat_votes = votes.reshape(-1, num_classes)
@@ -18,6 +20,19 @@ def _vote_ranks(votes: jax.Array) -> jax.Array:
   # Number of classes with at most v votes; the rest have strictly more.
   at_most = jax.vmap(lambda s, v: jnp.searchsorted(s, v, side='right'))(flat_sorted, flat_votes)
   return (1 + num_classes - at_most).reshape(votes.shape)
+
+
+def _zipf_from_scores(scores: jax.Array, labels: jax.Array) -> jax.Array:
+  """Ranks `scores` over all C classes, weights 1/rank, drops the label, normalises.
+
+  Shared by the dense and the logit variant, which differ only in what they rank.
+  """
+  num_classes = scores.shape[-1]
+  ranks = _vote_ranks(scores)
+  weights = jnp.where(_common.target_mask(labels, num_classes), 0.0, 1.0 / ranks)
+  weights = weights.astype(jnp.float32)
+  targets = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return jax.lax.stop_gradient(targets)
 
 
 def zipf_targets(
@@ -34,8 +49,8 @@ def zipf_targets(
 
   so ties share the minimum rank, the label column is exactly 0 and the other `C − 1`
   columns sum to 1. Computed on device (the official code ranks on the host with scipy).
-  Only the dense (voting) variant is built here; `dense=False` ranks the sample's own logits
-  instead of vote counts.
+  This is the dense (voting) variant; `zipf_logit_targets` is `dense=False`, which ranks
+  the sample's own logits instead of vote counts.
 
   The output is stop-gradient (it is a target; argmax has no gradient anyway).
 
@@ -59,11 +74,44 @@ def zipf_targets(
         f'{labels.shape}.')
   winners = jnp.argmax(dense_logits, axis=-1)  # [..., P]
   votes = jnp.sum(jax.nn.one_hot(winners, num_classes, dtype=jnp.int32), axis=-2)
-  ranks = _vote_ranks(votes)
-  weights = jnp.where(_common.target_mask(labels, num_classes), 0.0, 1.0 / ranks)
-  weights = weights.astype(jnp.float32)
-  targets = weights / jnp.sum(weights, axis=-1, keepdims=True)
-  return jax.lax.stop_gradient(targets)
+  return _zipf_from_scores(votes, labels)
+
+
+def zipf_logit_targets(
+    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) -> jax.Array:
+  r"""Zipf's-law non-target distribution ranked by the sample's own logits (`dense=False`).
+
+  The same construction as `zipf_targets`, with the logits `z` in place of the vote
+  counts: over all `C` classes (the label included),
+
+  .. math::
+    r_k = 1 + \#\{j : z_j > z_k\}, \qquad w_k = 1 / r_k, \qquad
+    P_k = \frac{w_k \,[k \ne y]}{\sum_{j \ne y} w_j},
+
+  so equal logits share the minimum rank (scipy's `rankdata(-z, method='min')`, as in
+  the official code's non-dense path, which ranks the detached final logits). The label
+  still takes part in the ranking: if it has the largest logit the other classes start
+  at rank 2, otherwise the first one of them has rank 1.
+
+  The output is stop-gradient (ranks are piecewise constant; the target is fixed).
+
+  Args:
+    logits: `[..., C]` logits of the sample (float32 or bfloat16; ranked in float32).
+    labels: `[...]` integer class ids.
+
+  Returns:
+    `[..., C]` float32 target rows with a zero label column. Use with `zipf_loss`.
+
+  References:
+    Liang et al., Efficient One Pass Self-distillation with Zipf's Label Smoothing,
+    arXiv 2207.12980; code megvii-research/zipfls (`pytorch_zipfls/losses.py`, `gen_pdf`).
+  """
+  logits = _common.to_float(logits)
+  labels = jnp.asarray(labels)
+  if logits.shape[:-1] != labels.shape:
+    raise ValueError(
+        f'logits {logits.shape} must be [..., C] with [...] = labels.shape {labels.shape}.')
+  return _zipf_from_scores(logits, labels)
 
 
 def zipf_loss(

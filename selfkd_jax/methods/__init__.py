@@ -9,10 +9,13 @@ from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gathe
                                             pad_tables, partition_specs, scatter_rows,
                                             table_bytes)
 from selfkd_jax.methods.pskd import PSKDState, pskd
+from selfkd_jax.methods.ras_kd import RASKDState, ras_kd
 from selfkd_jax.methods.virtual_teacher import lsrkd, tfkd_reg
+from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
-    "EmptyState", "Method", "MethodHooks", "PSKDState", "PerExampleTable", "combine",
-    "create_table", "cross_entropy", "gather_rows", "label_smoothing", "lsrkd", "pad_tables",
-    "partition_specs", "pskd", "scatter_rows", "stateless_init", "table_bytes", "tfkd_reg",
+    "EmptyState", "Method", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
+    "combine", "create_table", "cross_entropy", "gather_rows", "label_smoothing", "lsrkd",
+    "pad_tables", "partition_specs", "pskd", "ras_kd", "scatter_rows", "stateless_init",
+    "table_bytes", "tfkd_reg", "zipf",
 ]

@@ -57,10 +57,10 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
              **fixed, **kwargs)
 
 
-def feature_dim(model: nn.Module, image_shape: tuple[int, ...]) -> int:
-  """Width of `outputs['features']` for images of `image_shape` (shape inference only)."""
+def output_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, tuple]:
+  """Shapes of the model's array outputs for one image of `image_shape` (no computation)."""
   def outputs(x):
     variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=False)
     return model.apply(variables, x, train=False)
   shapes = jax.eval_shape(outputs, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
-  return int(shapes['features'].shape[-1])
+  return {key: tuple(value.shape) for key, value in shapes.items() if hasattr(value, 'shape')}

@@ -121,6 +121,22 @@ def cifar100_tfkd_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+def cifar100_zipf_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Zipf's LS CIFAR-100 recipe (Liang et al. 2022, megvii-research/zipfls, PyTorch code).
+
+  CIFAR ResNet-18 (our 'resnet18'), 200 epochs, batch 128, SGD momentum 0.9 (no Nesterov),
+  lr 0.1 divided by 10 at 50% and 75% of training (epochs 100 and 150), weight decay 1e-4
+  (`pytorch_zipfls/train.py` defaults, `utils.adjust_learning_rate`), crop + flip.
+  """
+  config = cifar100_tfkd_recipe(None)
+  config.optimizer.milestones = (100, 150)
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.warmup_epochs = 0.0
+  config.optimizer.weight_decay = 1e-4
+  _apply_arg(config, arg)
+  return config
+
+
 def _apply_arg(config, arg: str | None) -> None:
   if not arg:
     return

@@ -24,7 +24,7 @@ import numpy as np
 from selfkd_jax import data as data_lib
 from selfkd_jax import models
 from selfkd_jax.methods import table_bytes
-from selfkd_jax.metrics import classification_metrics
+from selfkd_jax.metrics import calibration_bins, classification_metrics
 from selfkd_jax.train import config_check, optim, parallel, run_log
 from selfkd_jax.train.checkpoint import Checkpointer
 from selfkd_jax.train.method_factory import MethodContext, build_method
@@ -108,7 +108,7 @@ class Experiment:
     context = MethodContext(
         num_examples=self.num_train, num_classes=self.num_classes,
         num_epochs=config.num_epochs, steps_per_epoch=self.steps_per_epoch,
-        feature_dim=models.feature_dim(self.eval_model, self.info.image_shape),
+        output_shapes=models.output_shapes(self.eval_model, self.info.image_shape),
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, self.steps_per_epoch,
                                                     config.num_epochs)[0],
         dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
@@ -176,7 +176,10 @@ class Experiment:
       masks.append(self.runner.fetch(batch["mask"]))
     keep = np.concatenate(masks) > 0
     merged = {k: np.concatenate([s[k] for s in stats])[keep] for k in stats[0]}
-    return classification_metrics(merged)
+    bins = calibration_bins(merged["confidence"], merged["correct"])
+    # The 15-bin sums behind ECE, kept for reliability diagrams (they add up across runs).
+    return {**classification_metrics(merged),
+            "calibration_bins": {k: v.tolist() for k, v in bins.items()}}
 
   def refresh(self, state):
     for batch in self._sequential(self.train_source):
@@ -320,6 +323,7 @@ def _results(experiment, history, state, wall_s, images_per_s) -> dict[str, Any]
       "test_top1": final["top1"], "test_top5": final["top5"], "test_nll": final["nll"],
       "test_ece": final["ece"], "test_ece_10bins": final["ece_10bins"],
       "test_aurc": final["aurc"], "best_test_top1": best["top1"], "best_epoch": best["epoch"],
+      "test_calibration_bins": final.get("calibration_bins"),
       "epochs": final["epoch"], "wall_s": wall_s, "images_per_s": images_per_s,
       "method": config.method.name, "model": config.model.name, "dataset": config.data.name,
       "seed": config.seed, "num_devices": len(experiment.devices),

@@ -27,7 +27,8 @@ class MethodContext:
     num_classes: classes of the dataset.
     num_epochs: the run's epochs (schedules such as PS-KD's alpha).
     steps_per_epoch: optimizer steps per epoch.
-    feature_dim: width of the model's `outputs['features']` (the classifier's input).
+    output_shapes: shapes of the model's outputs by key (e.g. `{'features': (1, 84)}`), so a
+      builder can refuse a model that lacks what its method reads.
     make_optimizer: a fresh optax transformation with the run's optimizer and schedule, for
       heads a method owns and trains itself (RAS-KD's auxiliary classifier).
     dataset: dataset name; data_dir: its folder ('' = default); seed: the run's seed.
@@ -37,7 +38,7 @@ class MethodContext:
   num_classes: int
   num_epochs: int
   steps_per_epoch: int = 1
-  feature_dim: int = 0
+  output_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
   make_optimizer: Callable[[], optax.GradientTransformation] | None = None
   dataset: str = ""
   data_dir: str = ""
@@ -77,6 +78,23 @@ def _lsrkd_tc(cfg, ctx):
   return methods.lsrkd(alpha=cfg.alpha, temperature=cfg.temperature, beta=cfg.beta)
 
 
+def _zipf(cfg, ctx):
+  if cfg.dense and ctx.output_shapes and "dense_logits" not in ctx.output_shapes:
+    raise ValueError("dense=True needs a model with dense per-position logits "
+                     "(outputs['dense_logits']); this model has none (e.g. lenet5_bn): set "
+                     "config.method.dense=False")
+  return methods.zipf(weight=cfg.weight, dense=cfg.dense, upsample=cfg.upsample)
+
+
+def _ras_kd(cfg, ctx):
+  return methods.ras_kd(
+      ctx.num_classes, ctx.output_shapes["features"][-1], epsilon=cfg.epsilon,
+      relation_temperature=cfg.relation_temperature, momentum=cfg.momentum,
+      prototypes=cfg.prototypes, instance_weight=cfg.instance_weight,
+      temperature=cfg.temperature,
+      aux_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+
+
 # name -> (builder, the method's own config keys beyond `name`, with their defaults).
 METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "ce": (_cross_entropy, {}),
@@ -86,6 +104,9 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
                              "multiplier": 100.0, "variant": "faithful"}),
     "lsrkd": (_lsrkd, {"alpha": 0.1, "temperature": 2.0}),
     "lsrkd_tc": (_lsrkd_tc, {"alpha": 0.1, "temperature": 2.0, "beta": 0.5}),
+    "zipf": (_zipf, {"weight": 0.1, "dense": True, "upsample": 2}),
+    "ras_kd": (_ras_kd, {"epsilon": 0.1, "relation_temperature": 0.1, "momentum": 0.9,
+                         "prototypes": "ema", "instance_weight": 0.0, "temperature": 4.0}),
 }
 METHOD_NAMES = tuple(METHOD_BUILDERS)
 
