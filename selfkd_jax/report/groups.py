@@ -1,0 +1,122 @@
+"""Grouping finished runs into methods: same config except the seed.
+
+Two runs belong together when their `config.json` files are equal after removing the seed and
+the keys that only change how a run is logged or checkpointed (they may also differ between a
+run and its resumption). So two PS-KD configs with different `alpha_T` never merge. A group is
+labelled by its method name plus the keys that tell it apart from the other groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+from selfkd_jax.report.runs import ReportError, Run
+
+# The seed, and selfkd_jax.train.config_check.RESUMABLE_KEYS (not imported: that pulls in jax;
+# tests/test_report.py checks that the two lists agree).
+IGNORED_KEYS = ("seed", "progress_bar", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints")
+_ABSENT = "—"
+
+
+@dataclasses.dataclass
+class Group:
+  """Runs of one config, different seeds."""
+  method: str
+  config: dict[str, str]            # flattened config without IGNORED_KEYS, values as JSON
+  runs: list[Run]
+  label: str = ""
+  distinguishing: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  @property
+  def seeds(self) -> list:
+    return [run.seed for run in self.runs]
+
+  def get(self, key: str, default: Any = None) -> Any:
+    """A config value by dotted key, decoded from JSON."""
+    return json.loads(self.config[key]) if key in self.config else default
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, str]:
+  """{'a': {'b': 1}} -> {'a.b': '1'}: dotted keys, values as canonical JSON (hashable)."""
+  flat = {}
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict) and value:
+      flat.update(flatten(value, name + "."))
+    else:
+      flat[name] = json.dumps(value, sort_keys=True)
+  return flat
+
+
+def _comparable(run: Run) -> dict[str, str]:
+  config = {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
+  return flatten(config)
+
+
+def group_runs(runs: Sequence[Run]) -> list[Group]:
+  """Groups finished runs by config; ce first, then by method name and label.
+
+  Raises:
+    ReportError: a group holds the same seed twice (the same run reached twice, or a copy):
+      counting it twice would shrink the spread.
+  """
+  groups: dict[tuple, Group] = {}
+  for run in runs:
+    config = _comparable(run)
+    key = tuple(sorted(config.items()))
+    group = groups.setdefault(key, Group(str(run.config["method"].get("name")), config, []))
+    for other in group.runs:
+      if other.seed == run.seed:
+        raise ReportError(f"seed {run.seed} appears twice with the same config: {other.path} "
+                          f"and {run.path}; pass only one of them")
+    group.runs.append(run)
+  result = list(groups.values())
+  for group in result:
+    group.runs.sort(key=lambda r: (not isinstance(r.seed, int),
+                                   r.seed if isinstance(r.seed, int) else 0, r.path))
+  _label(result)
+  result.sort(key=lambda g: (g.method != "ce", g.method, g.label))
+  return result
+
+
+def _differing(groups: Sequence[Group]) -> set[str]:
+  keys = set().union(*(g.config for g in groups)) if groups else set()
+  return {k for k in keys if len({g.config.get(k, _ABSENT) for g in groups}) > 1}
+
+
+def _label(groups: Sequence[Group]) -> None:
+  """Sets `label` and `distinguishing` on every group.
+
+  Shown: keys outside `method.` that differ anywhere (e.g. `num_epochs`), and `method.` keys that
+  differ between groups of the same method (e.g. `alpha_T`). A method's own keys that merely
+  differ from another method's are not shown: `pskd` needs no `alpha_T=0.8` beside `ce`.
+  """
+  shared = {k for k in _differing(groups) if not k.startswith("method.")}
+  for group in groups:
+    same_method = [g for g in groups if g.method == group.method]
+    own = {k for k in _differing(same_method) if k.startswith("method.")}
+    keys = sorted(shared | own, key=lambda k: (k.startswith("method."), k))
+    keys = [k for k in keys if k != "method.name"]
+    group.distinguishing = {k: group.config.get(k, _ABSENT) for k in keys}
+    shown = ", ".join(f"{k.removeprefix('method.')}={_plain(v)}"
+                      for k, v in group.distinguishing.items())
+    group.label = f"{group.method} ({shown})" if shown else group.method
+
+
+def _plain(value: str) -> str:
+  """JSON '"step"' -> 'step'; numbers and lists as written."""
+  try:
+    decoded = json.loads(value)
+  except ValueError:
+    return value
+  return decoded if isinstance(decoded, str) else value
+
+
+def config_differences(groups: Sequence[Group]) -> tuple[list[str], dict[str, str]]:
+  """(keys whose value differs between groups, the config keys shared by all groups)."""
+  differing = sorted(_differing(groups))
+  common = {k: v for k, v in groups[0].config.items() if k not in differing} if groups else {}
+  return differing, common
