@@ -159,3 +159,25 @@ def test_workdir_of_another_config_is_refused(tmp_path):
   with pytest.raises(ConfigError, match="different config .*alpha_T"):
     loop.train_and_evaluate(tiny_config(num_devices=1, num_epochs=1, **{"method.alpha_T": 0.5}),
                             str(tmp_path))
+
+
+def _write_artifact(path, dataset, num_classes):
+  from selfkd_jax import reffakd
+  similarity = np.eye(num_classes) * 0.5 + 0.1
+  reffakd.save_artifact(str(path), reffakd.make_artifact(
+      similarity, dataset=dataset, samples_per_class=4, seed=0, diag_boost=0.008, ae_epochs=1))
+
+
+def test_reffakd_trains_from_its_artifact_and_refuses_another_datasets(tmp_path):
+  good, other = tmp_path / "fm.json", tmp_path / "digits.json"
+  _write_artifact(good, "fashion_mnist", 10)
+  _write_artifact(other, "digits", 10)
+  reffakd_config = lambda path: tiny_config(
+      num_devices=1, num_epochs=1,
+      method=method_config("reffakd", variant="kldiv_mean", artifact=str(path)))
+  results = loop.train_and_evaluate(reffakd_config(good), str(tmp_path / "run"))
+  assert results["method"] == "reffakd" and results["test_top1"] > 0.3
+  with pytest.raises(ConfigError) as err:  # an artifact of another dataset: exit 2, one line
+    loop.train_and_evaluate(reffakd_config(other), str(tmp_path / "refused"))
+  assert "digits" in str(err.value) and "fashion_mnist" in str(err.value)
+  assert "\n" not in str(err.value)

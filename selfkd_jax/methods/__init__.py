@@ -10,12 +10,13 @@ from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gathe
                                             table_bytes)
 from selfkd_jax.methods.pskd import PSKDState, pskd
 from selfkd_jax.methods.ras_kd import RASKDState, ras_kd
+from selfkd_jax.methods.reffakd import reffakd, soft_label_teacher
 from selfkd_jax.methods.virtual_teacher import lsrkd, tfkd_reg
 from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
     "EmptyState", "Method", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
     "combine", "create_table", "cross_entropy", "gather_rows", "label_smoothing", "lsrkd",
-    "pad_tables", "partition_specs", "pskd", "ras_kd", "scatter_rows", "stateless_init",
-    "table_bytes", "tfkd_reg", "zipf",
+    "pad_tables", "partition_specs", "pskd", "ras_kd", "reffakd", "scatter_rows",
+    "soft_label_teacher", "stateless_init", "table_bytes", "tfkd_reg", "zipf",
 ]

@@ -8,9 +8,12 @@ method-owned heads). Method modules never see the config.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from typing import Any, Callable
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from selfkd_jax import methods
@@ -33,6 +36,8 @@ class MethodContext:
       heads a method owns and trains itself (RAS-KD's auxiliary classifier).
     dataset: dataset name; data_dir: its folder ('' = default); seed: the run's seed.
     log: where a builder reports long one-off work (e.g. making an artifact).
+    soft_labels: a stand-in `[C, C]` soft-label matrix for ReffAKD (benchmarks time the loss
+      without making an artifact); None = load or make the artifact named by the config.
   """
   num_examples: int
   num_classes: int
@@ -44,6 +49,7 @@ class MethodContext:
   data_dir: str = ""
   seed: int = 0
   log: Callable[[str], Any] = print
+  soft_labels: Any = None
 
 
 def _cross_entropy(cfg, ctx):
@@ -95,6 +101,20 @@ def _ras_kd(cfg, ctx):
       aux_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
 
 
+def _reffakd(cfg, ctx):
+  soft_labels = ctx.soft_labels
+  if soft_labels is None:
+    from selfkd_jax import reffakd  # pylint: disable=g-import-not-at-top  (trainer-only deps)
+    path = cfg.artifact or os.path.join("artifacts", f"reffakd_{ctx.dataset}.json")
+    artifact = reffakd.ensure_artifact(
+        path, dataset=ctx.dataset, num_classes=ctx.num_classes, data_dir=ctx.data_dir or None,
+        seed=cfg.artifact_seed, epochs=cfg.autoencoder_epochs or None, log=ctx.log,
+        progress=sys.stderr.isatty())  # a bar only on a terminal, not in log files
+    soft_labels = artifact.soft_labels(cfg.soft_label_temperature)
+  return methods.reffakd(np.asarray(soft_labels), alpha=cfg.alpha,
+                         temperature=cfg.temperature, variant=cfg.variant)
+
+
 # name -> (builder, the method's own config keys beyond `name`, with their defaults).
 METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "ce": (_cross_entropy, {}),
@@ -107,6 +127,11 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "zipf": (_zipf, {"weight": 0.1, "dense": True, "upsample": 2}),
     "ras_kd": (_ras_kd, {"epsilon": 0.1, "relation_temperature": 0.1, "momentum": 0.9,
                          "prototypes": "ema", "instance_weight": 0.0, "temperature": 4.0}),
+    # artifact '' = artifacts/reffakd_<dataset>.json, made on first use (autoencoder_epochs
+    # epochs; 0 = the notebooks' 200) and reused by every later run on that dataset.
+    "reffakd": (_reffakd, {"alpha": 0.5, "temperature": 1.0, "variant": "faithful",
+                           "soft_label_temperature": 1.0, "artifact": "",
+                           "artifact_seed": 0, "autoencoder_epochs": 0}),
 }
 METHOD_NAMES = tuple(METHOD_BUILDERS)
 
