@@ -181,3 +181,7 @@ def test_reffakd_trains_from_its_artifact_and_refuses_another_datasets(tmp_path)
     loop.train_and_evaluate(reffakd_config(other), str(tmp_path / "refused"))
   assert "digits" in str(err.value) and "fashion_mnist" in str(err.value)
   assert "\n" not in str(err.value)
+  # KD reads the same artifact as a pseudo-teacher.
+  kd_config = tiny_config(num_devices=1, num_epochs=1,
+                          method=method_config("kd", artifact=str(good)))
+  assert loop.train_and_evaluate(kd_config, str(tmp_path / "kd"))["method"] == "kd"

@@ -5,6 +5,7 @@ See `base` for the contract. Nothing here imports the trainer, the data pipeline
 from selfkd_jax.methods.base import EmptyState, Method, MethodHooks, stateless_init
 from selfkd_jax.methods.baselines import cross_entropy, label_smoothing
 from selfkd_jax.methods.combine import combine
+from selfkd_jax.methods.kd import kd, label_teacher
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
                                             pad_tables, partition_specs, scatter_rows,
                                             table_bytes)
@@ -16,7 +17,8 @@ from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
     "EmptyState", "Method", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
-    "combine", "create_table", "cross_entropy", "gather_rows", "label_smoothing", "lsrkd",
+    "combine", "create_table", "cross_entropy", "gather_rows", "kd", "label_smoothing",
+    "label_teacher", "lsrkd",
     "pad_tables", "partition_specs", "pskd", "ras_kd", "reffakd", "scatter_rows",
     "soft_label_teacher", "stateless_init", "table_bytes", "tfkd_reg", "zipf",
 ]

@@ -101,18 +101,35 @@ def _ras_kd(cfg, ctx):
       aux_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
 
 
+def _reffakd_soft_labels(cfg, ctx):
+  """The run's ReffAKD soft labels: the artifact named by the config, made if missing."""
+  if ctx.soft_labels is not None:
+    return np.asarray(ctx.soft_labels)
+  from selfkd_jax import reffakd  # pylint: disable=g-import-not-at-top  (trainer-only deps)
+  path = cfg.artifact or os.path.join("artifacts", f"reffakd_{ctx.dataset}.json")
+  artifact = reffakd.ensure_artifact(
+      path, dataset=ctx.dataset, num_classes=ctx.num_classes, data_dir=ctx.data_dir or None,
+      seed=cfg.artifact_seed, epochs=cfg.autoencoder_epochs or None, log=ctx.log,
+      progress=sys.stderr.isatty())  # a bar only on a terminal, not in log files
+  return np.asarray(artifact.soft_labels(cfg.soft_label_temperature))
+
+
 def _reffakd(cfg, ctx):
-  soft_labels = ctx.soft_labels
-  if soft_labels is None:
-    from selfkd_jax import reffakd  # pylint: disable=g-import-not-at-top  (trainer-only deps)
-    path = cfg.artifact or os.path.join("artifacts", f"reffakd_{ctx.dataset}.json")
-    artifact = reffakd.ensure_artifact(
-        path, dataset=ctx.dataset, num_classes=ctx.num_classes, data_dir=ctx.data_dir or None,
-        seed=cfg.artifact_seed, epochs=cfg.autoencoder_epochs or None, log=ctx.log,
-        progress=sys.stderr.isatty())  # a bar only on a terminal, not in log files
-    soft_labels = artifact.soft_labels(cfg.soft_label_temperature)
-  return methods.reffakd(np.asarray(soft_labels), alpha=cfg.alpha,
+  return methods.reffakd(_reffakd_soft_labels(cfg, ctx), alpha=cfg.alpha,
                          temperature=cfg.temperature, variant=cfg.variant)
+
+
+def _kd(cfg, ctx):
+  if cfg.teacher != "reffakd":
+    raise ValueError(f"teacher={cfg.teacher!r} is not available yet; allowed: reffakd (the "
+                     "ReffAKD soft labels as a pseudo-teacher)")
+  soft_labels = _reffakd_soft_labels(cfg, ctx)
+  teacher = methods.label_teacher(methods.soft_label_teacher(soft_labels, as_logits=True))
+  return methods.kd(teacher, alpha=cfg.alpha, temperature=cfg.temperature)
+
+
+_ARTIFACT_KEYS = {"soft_label_temperature": 1.0, "artifact": "", "artifact_seed": 0,
+                  "autoencoder_epochs": 0}
 
 
 # name -> (builder, the method's own config keys beyond `name`, with their defaults).
@@ -130,8 +147,9 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     # artifact '' = artifacts/reffakd_<dataset>.json, made on first use (autoencoder_epochs
     # epochs; 0 = the notebooks' 200) and reused by every later run on that dataset.
     "reffakd": (_reffakd, {"alpha": 0.5, "temperature": 1.0, "variant": "faithful",
-                           "soft_label_temperature": 1.0, "artifact": "",
-                           "artifact_seed": 0, "autoencoder_epochs": 0}),
+                           **_ARTIFACT_KEYS}),
+    # KD from a teacher; for now the ReffAKD soft labels (log S_soft[y] as teacher logits).
+    "kd": (_kd, {"alpha": 0.9, "temperature": 4.0, "teacher": "reffakd", **_ARTIFACT_KEYS}),
 }
 METHOD_NAMES = tuple(METHOD_BUILDERS)
 
