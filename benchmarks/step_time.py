@@ -82,7 +82,10 @@ class _Case:
                                                     config.num_epochs)[0],
         # ReffAKD's cost does not depend on the matrix: time it with a stand-in.
         soft_labels=np.full((num_classes, num_classes), 1.0 / num_classes, np.float32))
-    method = method_factory.build_method(default_config.method_config(method_name), context)
+    method_config = default_config.method_config(method_name)
+    if method_name == "zipf" and "dense_logits" not in context.output_shapes:
+      method_config.dense = False  # e.g. LeNet-5-BN: no per-position logits to vote with
+    method = method_factory.build_method(method_config, context)
 
     init = initial_state_fn(model=eval_model, method=method, tx=tx, image_shape=image_shape,
                             seed=seed, num_devices=runner.num_devices)
