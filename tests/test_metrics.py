@@ -387,7 +387,7 @@ def test_evaluate_independent_of_devices_and_covers_each_example_once(tmp_path, 
   exp4.config.eval_batch_size = 96
   assert exp4.eval_batch_size() == 96
   m96, s96 = _evaluate(exp4, state4, monkeypatch)
-  assert set(m1) == {"top1", "top5", "nll", "ece", "ece_10bins", "aurc"}
+  assert set(m1) == {"top1", "top5", "nll", "ece", "ece_10bins", "aurc", "calibration_bins"}
 
   # The same seed gives the same parameters on 1 and 4 devices.
   for a, b in zip(jax.tree.leaves(state1.variables()), jax.tree.leaves(state4.variables())):
@@ -397,6 +397,11 @@ def test_evaluate_independent_of_devices_and_covers_each_example_once(tmp_path, 
     assert other["top1"] == m1["top1"] and other["top5"] == m1["top5"]
     for key in ("nll", "ece", "ece_10bins", "aurc"):
       assert other[key] == pytest.approx(m1[key], abs=1e-6), key
+    # The bin counts are exact across device counts and batch sizes (sums to rounding).
+    assert other["calibration_bins"]["count"] == m1["calibration_bins"]["count"]
+    for key in ("confidence_sum", "correct_sum"):
+      np.testing.assert_allclose(other["calibration_bins"][key], m1["calibration_bins"][key],
+                                 rtol=1e-9, atol=1e-6)
 
   # Every test example exactly once, in order: the per-example stats line up with ours.
   images, labels = exp1.test_source.images, exp1.test_source.labels
