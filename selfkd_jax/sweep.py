@@ -42,10 +42,10 @@ import urllib.parse
 import warnings
 from typing import Sequence
 
+from selfkd_jax.train.workdir_files import CHECKPOINT_DIR, RESULTS_FILE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.py")
-RESULTS_FILE = "results.json"  # = selfkd_jax.train.run_log.RESULTS_FILE (that imports jax)
-CHECKPOINT_DIR = "checkpoints"
 _KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 # Characters kept as they are in a workdir name; anything else is percent-encoded.
 _SAFE = "._,=-"

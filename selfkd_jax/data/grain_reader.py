@@ -58,10 +58,7 @@ class GrainReader(Generic[T]):
       raise StopIteration
     try:
       value = next(self._iterator)
-    except StopIteration:
-      self.close()
-      raise
-    except BaseException:
+    except BaseException:  # the end, or a failed read re-raised here: stop grain either way
       self.close()
       raise
     self._remaining -= 1

@@ -13,11 +13,10 @@ import json
 from typing import Any, Sequence
 
 from selfkd_jax.report.runs import ReportError, Run
+from selfkd_jax.train.workdir_files import RESUMABLE_KEYS
 
-# The seed, and selfkd_jax.train.config_check.RESUMABLE_KEYS (not imported: that pulls in jax;
-# tests/test_report.py checks that the two lists agree).
-IGNORED_KEYS = ("seed", "progress_bar", "log_every_steps", "checkpoint_every_steps",
-                "keep_checkpoints")
+# The seed, and the keys a resume may change.
+IGNORED_KEYS = ("seed", *RESUMABLE_KEYS)
 _ABSENT = "—"
 
 

@@ -13,12 +13,11 @@ import math
 import os
 from typing import Any, Sequence
 
-CONFIG_FILE = "config.json"
-RESULTS_FILE = "results.json"
-EVAL_HISTORY_FILE = "eval_history.json"
-METRICS_FILE = "metrics.jsonl"
+from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, EVAL_HISTORY_FILE,
+                                            METRICS_FILE, RESULTS_FILE, TENSORBOARD_DIR)
+
 # Folders a run writes that never hold another run: not searched (orbax checkpoints are big).
-_NOT_RUNS = ("checkpoints", "tb")
+_NOT_RUNS = (CHECKPOINT_DIR, TENSORBOARD_DIR)
 # results.json keys the report needs, each a finite number; the other numbers may be null.
 REQUIRED_NUMBERS = ("test_top1", "test_top5", "test_nll", "test_ece", "test_aurc",
                     "best_test_top1")

@@ -13,12 +13,14 @@ import os
 
 import orbax.checkpoint as ocp
 
+from selfkd_jax.train.workdir_files import CHECKPOINT_DIR
+
 
 class Checkpointer:
   """Save/restore of the train state, synchronous so a save is complete when `save` returns."""
 
   def __init__(self, workdir: str, keep: int = 2):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)

@@ -12,13 +12,10 @@ import os
 from selfkd_jax.data.grain_reader import READERS
 from selfkd_jax.train import optim
 from selfkd_jax.train.method_factory import METHOD_BUILDERS, STORAGE_DTYPES
+from selfkd_jax.train.workdir_files import CONFIG_FILE, RESUMABLE_KEYS
 
 PARALLEL_MODES = ("shard_map", "pmap")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-CONFIG_FILE = "config.json"
-# Keys that may change between a run and its resumption (they do not change the result).
-RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
-                  "keep_checkpoints")
 
 
 class ConfigError(ValueError):

@@ -15,8 +15,8 @@ import tempfile
 
 import jax
 
-RESULTS_FILE = "results.json"
-EVAL_HISTORY_FILE = "eval_history.json"
+from selfkd_jax.train.workdir_files import (EVAL_HISTORY_FILE, METRICS_FILE, RESULTS_FILE,
+                                            TENSORBOARD_DIR)
 
 
 def write_json_atomic(path: str, payload) -> None:
@@ -36,10 +36,10 @@ class RunLog:
     self._tensorboard = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._metrics_file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._metrics_file = open(os.path.join(workdir, METRICS_FILE), "a")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tensorboard = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR))
       except ImportError:  # TensorBoard is optional; the JSON lines hold the same numbers
         self._tensorboard = None
 

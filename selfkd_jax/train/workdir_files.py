@@ -1,0 +1,16 @@
+"""What a run writes into its workdir, by name, and the config keys a resume may change.
+
+Plain constants and no imports, so that tools which must not load jax (the sweep and the
+report) share them with the trainer instead of keeping copies.
+"""
+
+CONFIG_FILE = "config.json"          # the run's config, checked on resume
+RESULTS_FILE = "results.json"        # the final summary, written last: marks a finished run
+EVAL_HISTORY_FILE = "eval_history.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tb"
+
+# Keys that may change between a run and its resumption (they do not change the result).
+RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
+                  "keep_checkpoints")
