@@ -19,6 +19,11 @@ methods) dispatch cost to every sample; timing windows of many steps would hide 
 a mean, not a per-step median. `ratio_to_ce` divides by CE's median for the same model, dtype
 and batch. The benchmark only measures; it never asserts on speed.
 
+Methods with extra forward passes are timed with them: the teacher methods (KD, DKD, AEKT,
+Tf-KD_self) with a teacher of the student's own architecture (random weights; its cost does
+not depend on them), CS-KD with a partner image per example (`batch_size` anchors + as many
+partners), MrKD with its snapshot forward. `batch_size` and images/s count anchors only.
+
 GPU (CIFAR-100 scale):
   python benchmarks/step_time.py --model=preact_resnet18 --batch_size=128 \
       --dtypes=float32,bfloat16
@@ -78,6 +83,7 @@ class _Case:
         num_examples=num_examples, num_classes=num_classes, num_epochs=config.num_epochs,
         steps_per_epoch=steps_per_epoch,
         output_shapes=models.output_shapes(eval_model, image_shape),
+        variable_shapes=models.variable_shapes(eval_model, image_shape),
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, steps_per_epoch,
                                                     config.num_epochs)[0],
         # ReffAKD's cost does not depend on the matrix: time it with a stand-in.
@@ -86,6 +92,15 @@ class _Case:
     if method_name == "zipf" and "dense_logits" not in context.output_shapes:
       method_config.dense = False  # e.g. LeNet-5-BN: no per-position logits to vote with
     method = method_factory.build_method(method_config, context)
+    self.needs_partners = method_factory.needs_partners(method_config)
+    # A network teacher of the student's own architecture (randomly initialised: its cost, one
+    # eval-mode forward per step, does not depend on its weights).
+    teacher_model, self.teacher_variables = None, {}
+    if method_factory.needs_network_teacher(method_config):
+      teacher_model = eval_model
+      dummy = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
+      self.teacher_variables = runner.put_frozen(
+          eval_model.init(jax.random.PRNGKey(seed + 1), dummy, train=False))
 
     init = initial_state_fn(model=eval_model, method=method, tx=tx, image_shape=image_shape,
                             seed=seed, num_devices=runner.num_devices)
@@ -93,7 +108,7 @@ class _Case:
     self.state_bytes_per_device = table_bytes(self.state.method_state, runner.num_devices)
     body = make_train_step(model=model, tx=tx, method=method, steps_per_epoch=steps_per_epoch,
                            augmentation=augmentation, schedule=schedule,
-                           axis_name=parallel.AXIS)
+                           axis_name=parallel.AXIS, teacher_model=teacher_model)
     self.train_step = runner.compile_train(body, self.state)
     self.samples_ms: list[float] = []
     self.compile_s = None
@@ -103,7 +118,7 @@ class _Case:
   def compile(self, batch) -> None:
     """Compiles for `batch`'s shapes; records compile time and XLA's memory estimate."""
     start = time.perf_counter()
-    self.train_step = self.train_step.lower(self.state, batch).compile()
+    self.train_step = self.train_step.lower(self.state, batch, self.teacher_variables).compile()
     self.compile_s = time.perf_counter() - start
     analysis = self.train_step.memory_analysis()
     if analysis is not None:
@@ -115,7 +130,7 @@ class _Case:
     """One step per batch, each waited for; appends the per-step wall times if `record`."""
     for batch in batches:
       start = time.perf_counter()
-      self.state, metrics = self.train_step(self.state, batch)
+      self.state, metrics = self.train_step(self.state, batch, self.teacher_variables)
       jax.block_until_ready((self.state, metrics))
       if record:
         self.samples_ms.append((time.perf_counter() - start) * 1e3)
@@ -126,8 +141,12 @@ class _Case:
 
 
 def _synthetic_batches(runner, *, num_batches, batch_size, image_shape, num_classes,
-                       num_examples, seed):
-  """Device-resident batches: random uint8 images and labels, indices from one permutation."""
+                       num_examples, seed, partners=False):
+  """Device-resident batches: random uint8 images and labels, indices from one permutation.
+
+  With `partners` (CS-KD), each batch also carries a partner per example, as the pipeline's
+  `TrainBatches(partners=True)` does: another random image with the same label.
+  """
   rng = np.random.default_rng(seed)
   permutation = rng.permutation(num_examples).astype(np.int32)
   batches = []
@@ -138,6 +157,10 @@ def _synthetic_batches(runner, *, num_batches, batch_size, image_shape, num_clas
         "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
         "index": permutation[start:start + batch_size],
     }
+    if partners:
+      host.update(partner_image=rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8),
+                  partner_label=host["label"],
+                  partner_index=np.roll(permutation, 1)[start:start + batch_size])
     batches.append(runner.put_batch(host))
   return batches
 
@@ -181,9 +204,11 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
   channels = image_shape[-1]
   augmentation = Augmentation(crop_padding=crop_padding, flip=flip, mean=(0.5,) * channels,
                               std=(0.25,) * channels)
-  batches = _synthetic_batches(runner, num_batches=max(steps, warmup, 1), batch_size=batch_size,
-                               image_shape=image_shape, num_classes=num_classes,
-                               num_examples=num_examples, seed=seed)
+  batch_kwargs = dict(num_batches=max(steps, warmup, 1), batch_size=batch_size,
+                      image_shape=image_shape, num_classes=num_classes,
+                      num_examples=num_examples, seed=seed)
+  plain_batches = _synthetic_batches(runner, **batch_kwargs)
+  paired_batches = None  # made on first use (CS-KD)
 
   cases = []
   for dtype in dtypes:
@@ -192,8 +217,11 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
       case = _Case(method, dtype, runner=runner, model_name=model, image_shape=image_shape,
                    num_classes=num_classes, num_examples=num_examples, batch_size=batch_size,
                    augmentation=augmentation, seed=seed)
-      case.compile(batches[0])
-      case.run(batches[:warmup], record=False)
+      if case.needs_partners and paired_batches is None:
+        paired_batches = _synthetic_batches(runner, partners=True, **batch_kwargs)
+      case.batches = paired_batches if case.needs_partners else plain_batches
+      case.compile(case.batches[0])
+      case.run(case.batches[:warmup], record=False)
       # The process-wide high-water mark so far (it includes the cases built before this one).
       case.peak_memory_bytes = _peak_memory_bytes(devices[0])
       cases.append(case)
@@ -201,7 +229,7 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
   for r in range(rounds):
     log(f"round {r + 1}/{rounds}")
     for case in cases:
-      case.run(batches[:steps], record=True)
+      case.run(case.batches[:steps], record=True)
 
   device = devices[0]
   ce_median = {case.dtype_name: case.percentiles_ms()[1] for case in cases

@@ -29,6 +29,10 @@ def test_config_file(path):
   for arg in (None, "smoke"):
     config = module.get_config(arg)
     config_check.check_config(config, num_devices=1)
+    if "teacher" in config:  # a smoke student trains its own smoke teacher in its workdir
+      assert (config.teacher.workdir == "") == (arg == "smoke"), path
+      if arg == "smoke":
+        assert config.teacher.config.num_epochs == config.num_epochs, path
     for key in ("seed", "num_epochs", "batch_size", "method.name", "model.name", "data.name",
                 "data.limit_train"):
       target = config
@@ -60,9 +64,29 @@ def test_every_method_has_configs_and_fashion_mnist_shares_one_recipe():
     assert any(load(t).get_config().method.name == name for t in twins), name
     config = load(path).get_config().to_dict()
     config.pop("method")
+    teacher = config.pop("teacher", None)
     expected = reference.to_dict()
     expected.pop("method")
     assert config == expected, f"{name}: the Fashion-MNIST recipe differs from CE's"
+    if teacher is not None:  # the KD family's teacher is the CE config itself
+      assert teacher["config"] == reference.to_dict(), name
+
+
+def test_cifar100_teacher_recipes():
+  dkd = load(os.path.join(REPO, "configs", "cifar100", "dkd_wrn16_2.py")).get_config()
+  assert (dkd.num_epochs, dkd.batch_size, dkd.optimizer.learning_rate) == (240, 64, 0.05)
+  assert tuple(dkd.optimizer.milestones) == (150, 180, 210)
+  assert (dkd.method.beta, dkd.method.warmup_epochs) == (8.0, 20.0)
+  assert dkd.teacher.config.model.name == "preact_resnet18"
+  tfkd_self = load(os.path.join(REPO, "configs", "cifar100", "tfkd_self_resnet18.py")).get_config()
+  assert (tfkd_self.method.alpha, tfkd_self.method.temperature,
+          tfkd_self.method.multiplier) == (0.95, 6.0, 50.0)
+  teacher = tfkd_self.teacher.config
+  assert (teacher.model.name, teacher.method.name) == ("resnet18", "ce")
+  assert teacher.optimizer.to_dict() == tfkd_self.optimizer.to_dict()
+  cskd = load(os.path.join(REPO, "configs", "cifar100", "cskd_preact_resnet18.py")).get_config()
+  assert (cskd.num_epochs, cskd.optimizer.weight_decay, tuple(cskd.optimizer.milestones)) == (
+      200, 1e-4, (100, 150))
 
 
 def test_cifar100_tfkd_recipe_is_the_official_one():

@@ -183,5 +183,5 @@ def test_reffakd_trains_from_its_artifact_and_refuses_another_datasets(tmp_path)
   assert "\n" not in str(err.value)
   # KD reads the same artifact as a pseudo-teacher.
   kd_config = tiny_config(num_devices=1, num_epochs=1,
-                          method=method_config("kd", artifact=str(good)))
+                          method=method_config("kd", teacher="reffakd", artifact=str(good)))
   assert loop.train_and_evaluate(kd_config, str(tmp_path / "kd"))["method"] == "kd"

@@ -15,6 +15,7 @@ import numpy as np
 from selfkd_jax.data.background import OrderedReader
 from selfkd_jax.data.errors import DataError
 from selfkd_jax.data.grain_reader import GrainReader, uses_grain
+from selfkd_jax.data.pairs import SameClassPartners, source_labels
 
 Batch = dict[str, np.ndarray]
 
@@ -96,11 +97,17 @@ class TrainBatches:
   b = global_batch_size // process_count: this host's contiguous slice of the global batch.
   Reads run on background threads (`OrderedReader`, or grain's for `reader='grain'`); close it
   or use `with`.
+
+  With `partners`, every batch also has `'partner_image'` (uint8, like 'image'),
+  `'partner_label'` (equal to 'label') and `'partner_index'` (int32): for each anchor a
+  same-class partner (`pairs.SameClassPartners`, keyed by (seed, step, anchor index)), read in
+  the same background read as the anchors, for CS-KD.
   """
 
   def __init__(self, source, *, seed: int, global_batch_size: int, start_step: int,
                num_steps: int, process_index: int = 0, process_count: int = 1,
-               num_workers: int = 2, buffer_size: int | None = None, reader: str = "auto"):
+               num_workers: int = 2, buffer_size: int | None = None, reader: str = "auto",
+               partners: "SameClassPartners | bool" = False):
     """Starts reading.
 
     Args:
@@ -115,16 +122,40 @@ class TrainBatches:
       buffer_size: batches read ahead (default 2 * num_workers).
       reader: 'threads', 'grain', or 'auto' (grain for TFDS sources; see `grain_reader`).
         The batches are the same whichever reads them.
+      partners: False (default: no partners); True pairs every anchor with a same-class
+        partner drawn with `seed` (building `SameClassPartners(source_labels(source), seed)`,
+        which reads all labels once when the source does not hold them); or a
+        `SameClassPartners` built for this source (to choose its seed or `exclude_self`, or to
+        share one across iterators). The global batch still has `global_batch_size` anchors;
+        the partners double the images read.
     """
     num_examples = len(source)
     steps_per_epoch(num_examples, global_batch_size)  # Fail here, not in a worker thread.
     if not 0 <= start_step <= num_steps:
       raise DataError(f"start_step {start_step} must lie in [0, num_steps={num_steps}]")
     host = _host_slice(global_batch_size, process_index, process_count)
+    if partners is True:
+      partners = SameClassPartners(source_labels(source), seed=seed)
+    elif partners is not False and partners is not None:
+      if not isinstance(partners, SameClassPartners):
+        raise DataError(f"partners must be a bool or a SameClassPartners, got "
+                        f"{type(partners).__name__}")
+      if len(partners) != num_examples:
+        raise DataError(f"partners were built for {len(partners)} examples but the source has "
+                        f"{num_examples}; build them from this source's labels")
+    else:
+      partners = None
 
     def read(step: int) -> Batch:
       indices = train_batch_indices(seed, step, num_examples, global_batch_size)[host]
-      return source.get_batch(indices)
+      if partners is None:
+        return source.get_batch(indices)
+      # One read of anchors and partners together, split afterwards.
+      both = source.get_batch(np.concatenate([indices, partners.partners(indices, step)]))
+      b = len(indices)
+      batch = {key: value[:b] for key, value in both.items()}
+      batch.update({f"partner_{key}": value[b:] for key, value in both.items()})
+      return batch
 
     self._reader = _reader(read, range(start_step, num_steps), source=source, reader=reader,
                            num_workers=num_workers, buffer_size=buffer_size)

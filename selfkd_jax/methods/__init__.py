@@ -5,7 +5,11 @@ See `base` for the contract. Nothing here imports the trainer, the data pipeline
 from selfkd_jax.methods.base import EmptyState, Method, MethodHooks, stateless_init
 from selfkd_jax.methods.baselines import cross_entropy, label_smoothing
 from selfkd_jax.methods.combine import combine
-from selfkd_jax.methods.kd import kd, label_teacher
+from selfkd_jax.methods.cskd import cskd
+from selfkd_jax.methods.aekt import AEKTState, aekt
+from selfkd_jax.methods.dkd import dkd
+from selfkd_jax.methods.kd import kd, label_teacher, network_teacher, tfkd_self
+from selfkd_jax.methods.mrkd import MrKDState, mrkd
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
                                             pad_tables, partition_specs, scatter_rows,
                                             table_bytes)
@@ -16,9 +20,9 @@ from selfkd_jax.methods.virtual_teacher import lsrkd, tfkd_reg
 from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
-    "EmptyState", "Method", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
+    "AEKTState", "EmptyState", "Method", "aekt", "cskd", "dkd", "network_teacher", "tfkd_self", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
     "combine", "create_table", "cross_entropy", "gather_rows", "kd", "label_smoothing",
-    "label_teacher", "lsrkd",
+    "label_teacher", "lsrkd", "MrKDState", "mrkd",
     "pad_tables", "partition_specs", "pskd", "ras_kd", "reffakd", "scatter_rows",
     "soft_label_teacher", "stateless_init", "table_bytes", "tfkd_reg", "zipf",
 ]

@@ -64,19 +64,32 @@ class MethodHooks(NamedTuple):
   Attributes:
     forward: `forward(variables, images, *, train) -> outputs` runs the user's model with the
       given variables (e.g. `{'params': ..., 'batch_stats': ...}`) without touching the caller's
-      state; used by methods that need a second forward pass (a weight snapshot, a partner
-      batch). `None` when the caller offers none.
+      state (in train mode its BatchNorm statistics updates are dropped); used by methods that
+      need a second forward pass (a weight snapshot, a partner batch). `None` when the caller
+      offers none.
     variables: the current model variables, for methods that snapshot them.
+    images: the batch's images exactly as the model saw them (augmented, normalised), for
+      methods that run another network on the same inputs (a snapshot, a teacher).
+    teacher: `teacher(images) -> outputs` runs a frozen teacher network in eval mode (no
+      gradient); `None` when the run has no network teacher.
   """
   forward: Callable[..., Outputs] | None = None
   variables: PyTree | None = None
+  images: jax.Array | None = None
+  teacher: Callable[[jax.Array], Outputs] | None = None
 
 
 class Method(NamedTuple):
-  """A self-distillation method as a pair of pure functions (plus an optional refresh)."""
+  """A self-distillation method as a pair of pure functions (plus optional extras).
+
+  `exit_logits(state, outputs) -> {name: [B, C] logits}`: for methods that own auxiliary exits
+  (BYOT, LSSKD), the exits' predictions from eval-mode model outputs, so evaluation can report
+  every exit's accuracy; `None` for the others. The model's own logits are never among them.
+  """
   init: InitFn
   update: UpdateFn
   refresh: Callable[..., PyTree] | None = None
+  exit_logits: Callable[..., dict[str, jax.Array]] | None = None
 
 
 class EmptyState(NamedTuple):

@@ -64,3 +64,12 @@ def output_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, t
     return model.apply(variables, x, train=False)
   shapes = jax.eval_shape(outputs, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
   return {key: tuple(value.shape) for key, value in shapes.items() if hasattr(value, 'shape')}
+
+
+def variable_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> Any:
+  """The model's variables as ShapeDtypeStructs (no computation), in the trainer's layout:
+  `{'params', 'batch_stats'}` with an empty `batch_stats` for models without BatchNorm."""
+  def init(x):
+    variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=False)
+    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))

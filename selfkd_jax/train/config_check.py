@@ -11,11 +11,13 @@ import os
 
 from selfkd_jax.data.grain_reader import READERS
 from selfkd_jax.train import optim
-from selfkd_jax.train.method_factory import METHOD_BUILDERS, STORAGE_DTYPES
+from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
+                                             needs_network_teacher)
 from selfkd_jax.train.workdir_files import CONFIG_FILE, RESUMABLE_KEYS
 
 PARALLEL_MODES = ("shard_map", "pmap")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+UNBOUNDED_WEIGHTS = ("dkd", "aekt")
 
 
 class ConfigError(ValueError):
@@ -43,7 +45,9 @@ def _check_method(method) -> None:
   for key, value in method.items():
     full = f"config.method.{key}"
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if is_number and (key.startswith("alpha") or key in ("epsilon", "beta")):
+    # Mixing weights live in [0, 1]; DKD-style term weights (alpha 1, beta 8) do not.
+    is_mixing = key.startswith("alpha") or key in ("epsilon", "beta", "tc_beta")
+    if is_number and is_mixing and method.name not in UNBOUNDED_WEIGHTS:
       if not 0.0 <= value <= 1.0:
         raise ConfigError(f"{full}={value} is outside [0, 1]")
     if is_number and ("temperature" in key or key in ("tau", "T")) and value <= 0:
@@ -73,6 +77,7 @@ def check_config(config, num_devices: int) -> None:
                       f"positive multiple of the device count ({num_devices})")
   _allowed("config.parallel", config.parallel, PARALLEL_MODES)
   _check_method(config.method)
+  _check_teacher(config, num_devices)
   _allowed("config.model.name", config.model.name, MODEL_NAMES)
   _allowed("config.model.dtype", config.model.dtype, COMPUTE_DTYPES)
   if config.data.name not in DATASET_NAMES and not _is_tfds_name(config.data.name):
@@ -87,6 +92,20 @@ def check_config(config, num_devices: int) -> None:
   if config.optimizer.learning_rate <= 0:
     raise ConfigError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} "
                       "must be > 0")
+
+
+def _check_teacher(config, num_devices: int) -> None:
+  if not needs_network_teacher(config.method):
+    return
+  teacher = config.get("teacher", None)
+  if teacher is None or "config" not in teacher or "workdir" not in teacher:
+    raise ConfigError(f"method {config.method.name!r} distils from a network teacher but the "
+                      "config has no config.teacher (config + workdir); add one with "
+                      "default_config.teacher_config('configs/...py')")
+  try:
+    check_config(teacher.config, num_devices)
+  except ConfigError as error:
+    raise ConfigError(str(error).replace("config.", "config.teacher.config.")) from None
 
 
 def _is_tfds_name(name: str) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from selfkd_jax.train.method_factory import method_defaults
@@ -59,6 +62,45 @@ def method_config(name: str, **values) -> ml_collections.ConfigDict:
     raise ValueError(f"method {name!r} has no key(s) {', '.join(unknown)}; its keys: "
                      f"{', '.join(defaults) or 'none'}")
   return ml_collections.ConfigDict({"name": name, **defaults, **values})
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file; a relative path is tried from the working directory,
+  then from the repository root (so configs name each other as `configs/...py`)."""
+  candidates = [path] if os.path.isabs(path) else [path, os.path.join(REPO_ROOT, path)]
+  found = next((c for c in candidates if os.path.exists(c)), None)
+  if found is None:
+    raise FileNotFoundError(f"config file {path!r} not found (tried {', '.join(candidates)})")
+  spec = importlib.util.spec_from_file_location(
+      "selfkd_config_" + os.path.splitext(os.path.basename(found))[0], found)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def teacher_config(path: str, arg: str | None = None, *, workdir: str = "",
+                   **overrides) -> ml_collections.ConfigDict:
+  """`config.teacher` for a student: the teacher's run config, loaded from its config file.
+
+  The whole teacher config is nested under `config.teacher.config`, so any of its keys can be
+  overridden from the command line (`--config.teacher.config.num_epochs=30`). `workdir` is where
+  the teacher run lives: '' = `<student workdir>/teacher`; a relative path is taken from the
+  working directory, so students that name the same workdir share one teacher (trained by the
+  first of them). `overrides` set top-level keys of the teacher config (e.g. `seed=1`).
+
+  Args:
+    path: the teacher's config file, e.g. 'configs/fashion_mnist/ce.py'.
+    arg: its config argument (e.g. 'smoke'); the student's argument is passed on by the
+      configs in this repository, so a smoke student gets a smoke teacher.
+    workdir: the teacher's workdir.
+  """
+  config = load_config_file(path, arg)
+  for key, value in overrides.items():
+    config[key] = value
+  return ml_collections.ConfigDict({"config": config, "workdir": workdir, "source": path})
 
 
 def fashion_mnist_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -132,6 +174,43 @@ def cifar100_zipf_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.milestones = (100, 150)
   config.optimizer.decay_factor = 0.1
   config.optimizer.warmup_epochs = 0.0
+  config.optimizer.weight_decay = 1e-4
+  _apply_arg(config, arg)
+  return config
+
+
+def cifar100_mdistiller_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
+  """mdistiller's CIFAR-100 distillation recipe (Zhao et al. 2022, megvii-research/mdistiller).
+
+  240 epochs, batch 64, SGD momentum 0.9 (no Nesterov), lr 0.05 x0.1 at epochs 150, 180 and
+  210, weight decay 5e-4, crop + flip (`configs/cifar100/dkd/*.yaml`). Student WRN-16-2 (one of
+  mdistiller's students; its teachers are not in our model zoo, see the configs).
+  """
+  config = cifar100_pskd_recipe(None)
+  config.model.name = "wrn16_2"
+  config.num_epochs = 240
+  config.batch_size = 64
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.nesterov = False
+  config.optimizer.milestones = (150, 180, 210)
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.weight_decay = 5e-4
+  _apply_arg(config, arg)
+  return config
+
+
+def cifar100_cskd_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
+  """CS-KD's CIFAR-100 recipe (Yun et al. 2020, alinlab/cs-kd `train.py` defaults).
+
+  CIFAR_ResNet18 (pre-activation blocks = our 'preact_resnet18'), 200 epochs, 128 anchors per
+  step (each with a same-class partner), SGD momentum 0.9 (no Nesterov), lr 0.1 /10 at 50% and
+  75% of training, weight decay 1e-4, crop + flip. (The official loop lowers the rate after the
+  epoch that reaches 50%/75%, one epoch later than our milestones 100/150.)
+  """
+  config = cifar100_pskd_recipe(None)
+  config.num_epochs = 200
+  config.optimizer.nesterov = False
+  config.optimizer.milestones = (100, 150)
   config.optimizer.weight_decay = 1e-4
   _apply_arg(config, arg)
   return config

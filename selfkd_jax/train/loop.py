@@ -25,9 +25,10 @@ from selfkd_jax import data as data_lib
 from selfkd_jax import models
 from selfkd_jax.methods import table_bytes
 from selfkd_jax.metrics import calibration_bins, classification_metrics
-from selfkd_jax.train import config_check, optim, parallel, run_log
+from selfkd_jax.train import config_check, optim, parallel, run_log, teacher as teacher_lib
 from selfkd_jax.train.checkpoint import Checkpointer
-from selfkd_jax.train.method_factory import MethodContext, build_method
+from selfkd_jax.train.method_factory import (MethodContext, build_method, needs_network_teacher,
+                                             needs_partners)
 from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import (Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
@@ -102,6 +103,12 @@ class Experiment:
                                                   config.num_epochs)
     self.method = self._build_method()
     self.augmentation = _augmentation(config.data, self.info)
+    self.teacher = None  # a frozen network teacher, attached by `attach_teacher`
+    self.teacher_variables = {}
+
+  def attach_teacher(self, teacher: teacher_lib.Teacher) -> None:
+    self.teacher = teacher
+    self.teacher_variables = self.runner.put_frozen(teacher.variables)
 
   def _build_method(self):
     config = self.config
@@ -112,7 +119,8 @@ class Experiment:
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, self.steps_per_epoch,
                                                     config.num_epochs)[0],
         dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
-        log=_log_line)
+        log=_log_line, variable_shapes=models.variable_shapes(self.eval_model,
+                                                              self.info.image_shape))
     try:
       return build_method(config.method, context)
     except ValueError as e:  # a value the method's constructor refuses: a config error
@@ -139,12 +147,13 @@ class Experiment:
     train_body = make_train_step(model=self.model, tx=self.tx, method=self.method,
                                  steps_per_epoch=self.steps_per_epoch,
                                  augmentation=self.augmentation, schedule=self.schedule,
-                                 axis_name=axis)
+                                 axis_name=axis,
+                                 teacher_model=self.teacher.model if self.teacher else None)
     self.trace_count = 0
 
-    def counted_train_body(state, batch):
+    def counted_train_body(state, batch, teacher_variables):
       self.trace_count += 1  # runs at trace time only: counts compilations
-      return train_body(state, batch)
+      return train_body(state, batch, teacher_variables)
 
     self.train_step = self.runner.compile_train(counted_train_body, abstract_state)
     self.eval_step = self.runner.compile_eval(
@@ -215,6 +224,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                               json.loads(config.to_json()))
   checkpointer = Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
   try:
+    if needs_network_teacher(config.method):
+      experiment.attach_teacher(teacher_lib.prepare_teacher(
+          config, workdir, num_classes=experiment.num_classes,
+          resuming=checkpointer.latest_step() is not None, train=train_and_evaluate,
+          log=_log_line))
     return _train(experiment, checkpointer, log)
   finally:
     checkpointer.close()
@@ -264,7 +278,8 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
   batches = data_lib.TrainBatches(
       experiment.train_source, seed=config.seed, global_batch_size=config.batch_size,
       start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
-      process_count=jax.process_count(), reader=config.data.get("reader", "auto"))
+      process_count=jax.process_count(), reader=config.data.get("reader", "auto"),
+      partners=needs_partners(config.method))
   device_batches = parallel.prefetch(iter(batches), runner.put_batch)
   progress = _progress_bar(total_steps, start_step, config)
   last_values = None
@@ -273,7 +288,7 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
       step = window_start = start_step
       tick = time.time()
       for batch in device_batches:
-        state, metrics = experiment.train_step(state, batch)
+        state, metrics = experiment.train_step(state, batch, experiment.teacher_variables)
         pending.append((step, metrics))
         step += 1
         if step % log_every == 0 or step % steps_per_epoch == 0:

@@ -38,6 +38,8 @@ class MethodContext:
     log: where a builder reports long one-off work (e.g. making an artifact).
     soft_labels: a stand-in `[C, C]` soft-label matrix for ReffAKD (benchmarks time the loss
       without making an artifact); None = load or make the artifact named by the config.
+    variable_shapes: the model's `{'params', 'batch_stats'}` as ShapeDtypeStructs, for methods
+      that keep copies of them (MrKD's snapshots).
   """
   num_examples: int
   num_classes: int
@@ -50,6 +52,7 @@ class MethodContext:
   seed: int = 0
   log: Callable[[str], Any] = print
   soft_labels: Any = None
+  variable_shapes: Any = None
 
 
 def _cross_entropy(cfg, ctx):
@@ -119,13 +122,62 @@ def _reffakd(cfg, ctx):
                          temperature=cfg.temperature, variant=cfg.variant)
 
 
+TEACHERS = ("checkpoint", "reffakd")
+
+
+def _teacher(cfg, ctx):
+  """The teacher a KD-family method distils from, by `cfg.teacher`.
+
+  'checkpoint': the frozen network of `config.teacher` (the trainer supplies it through
+  `hooks.teacher`); 'reffakd': the ReffAKD soft labels as a label-only pseudo-teacher with
+  logits `log S_soft[y]`.
+  """
+  if cfg.teacher == "checkpoint":
+    return methods.network_teacher()
+  if cfg.teacher == "reffakd":
+    soft_labels = _reffakd_soft_labels(cfg, ctx)
+    return methods.label_teacher(methods.soft_label_teacher(soft_labels, as_logits=True))
+  raise ValueError(f"teacher={cfg.teacher!r}; allowed: {', '.join(TEACHERS)}")
+
+
 def _kd(cfg, ctx):
-  if cfg.teacher != "reffakd":
-    raise ValueError(f"teacher={cfg.teacher!r} is not available yet; allowed: reffakd (the "
-                     "ReffAKD soft labels as a pseudo-teacher)")
-  soft_labels = _reffakd_soft_labels(cfg, ctx)
-  teacher = methods.label_teacher(methods.soft_label_teacher(soft_labels, as_logits=True))
-  return methods.kd(teacher, alpha=cfg.alpha, temperature=cfg.temperature)
+  return methods.kd(_teacher(cfg, ctx), alpha=cfg.alpha, temperature=cfg.temperature)
+
+
+def _dkd(cfg, ctx):
+  return methods.dkd(_teacher(cfg, ctx), alpha=cfg.alpha, beta=cfg.beta,
+                     temperature=cfg.temperature, warmup_epochs=cfg.warmup_epochs,
+                     ce_weight=cfg.ce_weight)
+
+
+def _aekt(cfg, ctx):
+  return methods.aekt(_teacher(cfg, ctx), ctx.num_classes, alpha=cfg.alpha, beta=cfg.beta,
+                      temperature=cfg.temperature, warmup_epochs=cfg.warmup_epochs,
+                      weight_fn=cfg.weight_fn, max_weight=cfg.max_weight,
+                      serialization_head=cfg.serialization_head,
+                      head_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+
+
+def _mrkd(cfg, ctx):
+  if ctx.variable_shapes is None:
+    raise ValueError("mrkd needs the model's variable shapes (MethodContext.variable_shapes)")
+  tc = cfg.get("tc", None)
+  return methods.mrkd(ctx.variable_shapes, refresh_every=cfg.refresh_every or ctx.steps_per_epoch,
+                      alpha=cfg.alpha, temperature=cfg.temperature,
+                      num_snapshots=cfg.num_snapshots, tc=tc or None,
+                      tc_beta=cfg.get("tc_beta", 0.5), tc_when=cfg.get("tc_when", "always"))
+
+
+def _cskd(cfg, ctx):
+  del ctx
+  return methods.cskd(temperature=cfg.temperature, weight=cfg.weight)
+
+
+def _tfkd_self(cfg, ctx):
+  del ctx
+  return methods.tfkd_self(methods.network_teacher(), alpha=cfg.alpha,
+                           temperature=cfg.temperature, multiplier=cfg.multiplier,
+                           variant=cfg.variant)
 
 
 _ARTIFACT_KEYS = {"soft_label_temperature": 1.0, "artifact": "", "artifact_seed": 0,
@@ -148,10 +200,37 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     # epochs; 0 = the notebooks' 200) and reused by every later run on that dataset.
     "reffakd": (_reffakd, {"alpha": 0.5, "temperature": 1.0, "variant": "faithful",
                            **_ARTIFACT_KEYS}),
-    # KD from a teacher; for now the ReffAKD soft labels (log S_soft[y] as teacher logits).
-    "kd": (_kd, {"alpha": 0.9, "temperature": 4.0, "teacher": "reffakd", **_ARTIFACT_KEYS}),
+    # KD-family teachers: 'checkpoint' = the network of config.teacher, 'reffakd' = the ReffAKD
+    # soft labels (the artifact keys then apply).
+    "kd": (_kd, {"alpha": 0.9, "temperature": 4.0, "teacher": "checkpoint", **_ARTIFACT_KEYS}),
+    "dkd": (_dkd, {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0,
+                   "ce_weight": 1.0, "teacher": "checkpoint", **_ARTIFACT_KEYS}),
+    "aekt": (_aekt, {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0,
+                     "weight_fn": "ratio", "max_weight": 4.0, "serialization_head": True,
+                     "teacher": "checkpoint", **_ARTIFACT_KEYS}),
+    "tfkd_self": (_tfkd_self, {"alpha": 0.95, "temperature": 6.0, "multiplier": 50.0,
+                               "variant": "faithful"}),
+    # refresh_every 0 = once per epoch; the snapshots are the model's own earlier weights.
+    "mrkd": (_mrkd, {"alpha": 0.5, "temperature": 4.0, "refresh_every": 0, "num_snapshots": 1}),
+    "mrkd_tc": (_mrkd, {"alpha": 0.5, "temperature": 4.0, "refresh_every": 0,
+                        "num_snapshots": 1, "tc": "mix", "tc_beta": 0.5, "tc_when": "always"}),
+    # Needs same-class partners from the data pipeline (see `needs_partners`).
+    "cskd": (_cskd, {"temperature": 4.0, "weight": 1.0}),
 }
 METHOD_NAMES = tuple(METHOD_BUILDERS)
+
+
+def needs_network_teacher(method_config) -> bool:
+  """Whether the method distils from the frozen network of `config.teacher`."""
+  if method_config.name == "tfkd_self":
+    return True
+  return method_config.get("teacher", None) == "checkpoint"
+
+
+def needs_partners(method_config) -> bool:
+  """Whether the method reads a same-class partner per example (`TrainBatches(partners=True)`)."""
+  return method_config.name == "cskd"
+
 
 def method_defaults(name: str) -> dict[str, Any]:
   """The method's own config keys and their defaults."""

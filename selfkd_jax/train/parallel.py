@@ -67,10 +67,13 @@ class ShardMapRunner:
                         abstract, self.shardings(abstract))
 
   def compile_train(self, body, abstract_state):
+    """`body(state, batch, frozen) -> (state, metrics)`; `frozen` (a teacher's variables, or an
+    empty dict) is replicated, read-only and never donated."""
     specs = state_partition_specs(abstract_state)
     # check_vma=False: gradients are averaged explicitly with pmean inside the body; with VMA
     # checking on, the transpose of a replicated parameter would already sum over devices.
-    mapped = jax.shard_map(body, mesh=self.mesh, in_specs=(specs, PartitionSpec(AXIS)),
+    mapped = jax.shard_map(body, mesh=self.mesh,
+                           in_specs=(specs, PartitionSpec(AXIS), PartitionSpec()),
                            out_specs=(specs, PartitionSpec()), check_vma=False)
     return jax.jit(mapped, donate_argnums=0)
 
@@ -89,6 +92,10 @@ class ShardMapRunner:
   def put_batch(self, host_batch: dict) -> dict:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in host_batch.items()}
+
+  def put_frozen(self, tree):
+    """Read-only variables (a teacher) as the train step takes them: replicated."""
+    return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
   def to_global(self, state):
     return state
@@ -124,7 +131,9 @@ class PmapRunner(ShardMapRunner):
     del abstract_state
     return jax.pmap(body, axis_name=AXIS, devices=self.devices)
 
-  compile_refresh = compile_train
+  def compile_refresh(self, body, abstract_state):
+    del abstract_state
+    return jax.pmap(body, axis_name=AXIS, devices=self.devices, donate_argnums=0)
 
   def put_batch(self, host_batch: dict) -> dict:
     local = jax.local_device_count() if jax.process_count() > 1 else self.num_devices
@@ -156,6 +165,12 @@ class PmapRunner(ShardMapRunner):
 
     return jax.tree.map(convert, specs, state,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+  def put_frozen(self, tree):
+    d = self.num_devices
+    return jax.tree.map(
+        lambda x: jax.device_put(jnp.broadcast_to(x, (d,) + jnp.shape(x)), self.batch_sharding),
+        tree)
 
   def metrics_to_host(self, metrics):
     return jax.tree.map(lambda x: x[0], jax.device_get(metrics))

@@ -34,6 +34,9 @@ class Augmentation:
 
 
 DROPOUT_BRANCH = 2**31 - 1
+# Partner images (CS-KD) are augmented from their own branch of the run key, so a partner that is
+# also an anchor in the same epoch is cropped and flipped differently.
+PARTNER_BRANCH = 2**31 - 2
 # Padding rows of a refresh pass get this index; per-example tables drop writes beyond their end.
 PADDING_INDEX = 2**31 - 1
 
@@ -45,32 +48,51 @@ def _pmean(x, axis_name):
 def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
                     steps_per_epoch: int, augmentation: Augmentation,
                     schedule: Callable[[jax.Array], jax.Array],
-                    axis_name: str | None) -> Callable[[TrainState, Any], tuple]:
-  """The per-device train step `(state, batch) -> (state, metrics)`.
+                    axis_name: str | None,
+                    teacher_model=None) -> Callable[[TrainState, Any, Any], tuple]:
+  """The per-device train step `(state, batch, teacher_variables) -> (state, metrics)`.
 
-  `batch` holds this device's `image` (uint8), `label` and `index`. Metrics are global means
-  (identical on every device).
+  `batch` holds this device's `image` (uint8), `label` and `index`, and for pair-sampling
+  methods (CS-KD) `partner_image`, `partner_label` and `partner_index`; the method receives the
+  partner images augmented and normalised like the anchors. `teacher_variables` are the frozen
+  variables of `teacher_model` (an eval-mode network the method reaches through
+  `hooks.teacher`), or an empty dict when the run has no network teacher. Metrics are global
+  means (identical on every device).
   """
 
-  def forward(variables, images, *, train):
-    if train:
-      return model.apply(variables, images, train=True, mutable=["batch_stats"])[0]
-    return model.apply(variables, images, train=False)
+  def augment(images, indices, key, epoch):
+    return augment_batch(images, indices, key=key, epoch=epoch,
+                         crop_padding=augmentation.crop_padding, flip=augmentation.flip,
+                         mean=augmentation.mean, std=augmentation.std)
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, teacher_variables):
     epoch = state.step // steps_per_epoch
-    images = augment_batch(batch["image"], batch["index"], key=state.rng, epoch=epoch,
-                           crop_padding=augmentation.crop_padding, flip=augmentation.flip,
-                           mean=augmentation.mean, std=augmentation.std)
+    images = augment(batch["image"], batch["index"], state.rng, epoch)
+    if "partner_image" in batch:
+      partner_key = jax.random.fold_in(state.rng, PARTNER_BRANCH)
+      batch = dict(batch, partner_image=augment(batch["partner_image"], batch["partner_index"],
+                                                partner_key, epoch))
+    teacher = None
+    if teacher_model is not None:
+      def teacher(teacher_images):
+        outputs = teacher_model.apply(teacher_variables, teacher_images, train=False)
+        return jax.lax.stop_gradient(outputs)
     # Epochs fold small integers into `rng` for augmentation; dropout draws from a far branch.
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, DROPOUT_BRANCH), state.step)
+
+    def forward(variables, forward_images, *, train):
+      """A second forward pass for the method (snapshot, partner); BN updates are dropped."""
+      if train:
+        return model.apply(variables, forward_images, train=True, mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.fold_in(dropout_rng, 1)})[0]
+      return model.apply(variables, forward_images, train=False)
 
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       outputs, model_updates = model.apply(variables, images, train=True,
                                            mutable=["batch_stats"],
                                            rngs={"dropout": dropout_rng})
-      hooks = MethodHooks(forward=forward, variables=variables)
+      hooks = MethodHooks(forward=forward, variables=variables, images=images, teacher=teacher)
       per_example, method_state, method_metrics = method.update(
           state.method_state, outputs, batch, step=state.step, epoch=epoch,
           axis_name=axis_name, hooks=hooks)

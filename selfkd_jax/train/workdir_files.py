@@ -10,6 +10,7 @@ EVAL_HISTORY_FILE = "eval_history.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tb"
+TEACHER_FILE = "teacher.json"        # the frozen teacher a student distils from: path + sha256
 
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",

@@ -1,0 +1,23 @@
+"""DKD (alpha 1, beta 8, T 4, warm-up 2 epochs) from the CE-trained LeNet-5-BN teacher.
+
+mdistiller's CIFAR-100 weights (alpha 1, beta 8, T 4). Its warm-up is 20 of 240 epochs; on the
+15-epoch Fashion-MNIST recipe we use 2 (weights 0.5 then 1). The teacher is shared with
+configs/fashion_mnist/kd.py (`teachers/fashion_mnist_ce`, trained first if missing).
+
+    python launch.py --config=configs/fashion_mnist/dkd.py --workdir=runs/fmnist_dkd
+    python launch.py --config=configs/fashion_mnist/dkd.py:smoke --workdir=/tmp/smoke
+
+Expected: benchmarks/results/fashion_mnist has the measured table.
+"""
+from selfkd_jax.train.default_config import fashion_mnist_recipe, method_config, teacher_config
+
+TEACHER_WORKDIR = "teachers/fashion_mnist_ce"
+
+
+def get_config(arg=None):
+  config = fashion_mnist_recipe(arg)
+  config.method = method_config("dkd", alpha=1.0, beta=8.0, temperature=4.0,
+                                warmup_epochs=2.0, teacher="checkpoint")
+  config.teacher = teacher_config("configs/fashion_mnist/ce.py", arg,
+                                  workdir="" if arg else TEACHER_WORKDIR)
+  return config

@@ -1,0 +1,142 @@
+"""Frozen teachers: a finished run of this library, referenced by workdir and checksum.
+
+A student config that distils from a network carries `config.teacher`:
+
+    config.teacher.config   the teacher's own run config (any config of this library);
+    config.teacher.workdir  where that run lives ('' = `<student workdir>/teacher`);
+    config.teacher.source   the config file it came from (for messages only).
+
+`prepare_teacher` makes sure the teacher exists (training it into its workdir first when its
+results are missing, saying so), loads the parameters and BatchNorm statistics of its final
+checkpoint and nothing else (no optimizer or method state), and pins them: the student's workdir
+gets `teacher.json` with the teacher's workdir, step and a SHA-256 of its variables. The
+student's checkpoints never copy the teacher. A resumed student recomputes the checksum and
+refuses a teacher that changed since the run started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from selfkd_jax import models
+from selfkd_jax.train.config_check import ConfigError
+from selfkd_jax.train.run_log import write_json_atomic
+from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
+                                            TEACHER_FILE)
+
+COMPUTE_DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A loaded frozen teacher: its (eval-mode) model, variables and identity."""
+  model: Any
+  variables: Any
+  workdir: str
+  step: int
+  sha256: str
+  config: ml_collections.ConfigDict
+
+
+def teacher_workdir(config, workdir: str) -> str:
+  return config.teacher.workdir or os.path.join(workdir, "teacher")
+
+
+def variables_sha256(variables) -> str:
+  """SHA-256 over every leaf of `variables`: its key path, dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    array = np.asarray(leaf)
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def _check_compatible(config, teacher_config) -> None:
+  if teacher_config.data.name != config.data.name:
+    raise ConfigError(f"config.teacher trains on {teacher_config.data.name!r} but the student on "
+                      f"{config.data.name!r}; a teacher must share the student's dataset")
+
+
+def load_variables(workdir: str) -> tuple[dict, int]:
+  """`{'params', 'batch_stats'}` of the latest checkpoint in `workdir`, and its step."""
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+  manager = ocp.CheckpointManager(directory)
+  try:
+    step = manager.latest_step()
+    if step is None:
+      raise ConfigError(f"teacher workdir {workdir} has no checkpoint in {directory}")
+    # No target: orbax returns the saved tree as plain arrays; only two of its fields are used.
+    saved = manager.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    manager.close()
+  return {"params": saved["params"], "batch_stats": saved.get("batch_stats", {})}, step
+
+
+def load_teacher(workdir: str, num_classes: int) -> Teacher:
+  """The finished run in `workdir` as a frozen teacher (model from its saved config.json)."""
+  with open(os.path.join(workdir, CONFIG_FILE)) as f:
+    teacher_config = ml_collections.ConfigDict(json.load(f))
+  variables, step = load_variables(workdir)
+  model = models.get_model(teacher_config.model.name, num_classes=num_classes,
+                           dtype=COMPUTE_DTYPES[teacher_config.model.dtype],
+                           **dict(teacher_config.model.get("kwargs", {})))
+  return Teacher(model=model, variables=variables, workdir=os.path.abspath(workdir), step=step,
+                 sha256=variables_sha256(variables), config=teacher_config)
+
+
+def prepare_teacher(config, workdir: str, *, num_classes: int, resuming: bool,
+                    train: Callable[[Any, str], Any], log: Callable[[str], Any] = print
+                    ) -> Teacher:
+  """Trains the teacher if its run is unfinished, loads it, and pins it in the student workdir.
+
+  Args:
+    config: the student's config (with `config.teacher`).
+    workdir: the student's workdir.
+    num_classes: the dataset's classes.
+    resuming: whether the student resumes from a checkpoint; then the teacher must be the one
+      recorded in `<workdir>/teacher.json`.
+    train: `train(config, workdir)`, the trainer (a parameter to avoid an import cycle).
+    log: where the "training the teacher first" line goes.
+
+  Raises:
+    ConfigError: the teacher is for another dataset, or changed since the student started.
+  """
+  teacher_config = config.teacher.config
+  _check_compatible(config, teacher_config)
+  directory = teacher_workdir(config, workdir)
+  if not os.path.exists(os.path.join(directory, RESULTS_FILE)):
+    if resuming:
+      raise ConfigError(f"the teacher run in {directory} is unfinished or gone, but this student "
+                        "resumes from checkpoints distilled from it; restore the teacher or use "
+                        "a new --workdir")
+    log(f"Teacher: no finished run in {directory}; training it first "
+        f"({config.teacher.get('source', '') or 'config.teacher.config'})")
+    train(teacher_config, directory)
+    log(f"Teacher: done; now training the student in {workdir}")
+  teacher = load_teacher(directory, num_classes)
+  record_path = os.path.join(workdir, TEACHER_FILE)
+  if resuming and os.path.exists(record_path):
+    with open(record_path) as f:
+      recorded = json.load(f)
+    if recorded["sha256"] != teacher.sha256:
+      raise ConfigError(
+          f"the teacher in {directory} changed since this run started (sha256 "
+          f"{recorded['sha256'][:12]}… recorded, {teacher.sha256[:12]}… now); restore it or use "
+          "a new --workdir")
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    write_json_atomic(record_path, {"workdir": teacher.workdir, "step": teacher.step,
+                                    "sha256": teacher.sha256, "model": teacher.config.model.name,
+                                    "source": config.teacher.get("source", "")})
+  return teacher

@@ -1,0 +1,160 @@
+"""Frozen checkpoint teachers in the trainer: trained first when missing, pinned by checksum,
+run in eval mode on the student's batch, equal on 1 and 4 devices, refused when changed."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from selfkd_jax import losses, models
+from selfkd_jax.data.augment import augment_batch
+from selfkd_jax.methods import kd, network_teacher
+from selfkd_jax.train import loop, teacher as teacher_lib
+from selfkd_jax.train.config_check import ConfigError
+from selfkd_jax.train.default_config import (fashion_mnist_recipe, method_config,
+                                             teacher_config)
+from selfkd_jax.train.state import initial_state_fn
+from selfkd_jax.train.step import Augmentation, make_train_step
+
+from test_train import final_state
+
+
+def tiny(config):
+  config.num_epochs = 1
+  config.batch_size = 64
+  config.data.limit_train = 512
+  config.progress_bar = False
+  config.log_every_steps = 4
+  config.eval_batch_size = 1000
+  config.optimizer.learning_rate = 0.01
+  return config
+
+
+def student_config(teacher_dir, method="kd", **overrides):
+  config = tiny(fashion_mnist_recipe())
+  config.method = method_config(method, **({"teacher": "checkpoint"} if method != "tfkd_self"
+                                           else {}))
+  teacher = tiny(fashion_mnist_recipe())
+  teacher.method = method_config("ce")
+  config.teacher = teacher_config("configs/fashion_mnist/ce.py", workdir=str(teacher_dir))
+  config.teacher.config = teacher
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def teacher_and_student(tmp_path_factory):
+  root = tmp_path_factory.mktemp("kd")
+  teacher_dir, student_dir = root / "teacher", root / "student"
+  results = loop.train_and_evaluate(student_config(teacher_dir, num_devices=1), str(student_dir))
+  return teacher_dir, student_dir, results
+
+
+def test_missing_teacher_is_trained_first_and_pinned_by_checksum(teacher_and_student):
+  teacher_dir, student_dir, results = teacher_and_student
+  with open(teacher_dir / "results.json") as f:
+    assert json.load(f)["method"] == "ce"
+  assert results["method"] == "kd"
+  with open(student_dir / "teacher.json") as f:
+    record = json.load(f)
+  variables, step = teacher_lib.load_variables(str(teacher_dir))
+  assert record["workdir"] == os.path.abspath(teacher_dir) and record["step"] == step == 8
+  assert record["sha256"] == teacher_lib.variables_sha256(variables)
+  # The student's checkpoint references the teacher; it does not copy its parameters.
+  student_state = final_state(str(student_dir))
+  assert set(student_state) == {"step", "params", "batch_stats", "opt_state", "method_state",
+                                "rng"}
+
+
+def test_teacher_student_runs_agree_on_1_and_4_devices_and_pmap(teacher_and_student, tmp_path):
+  teacher_dir, student_dir, _ = teacher_and_student
+  reference = final_state(str(student_dir))
+  for name, overrides in (("four", {"num_devices": 4}),
+                          ("pmap", {"num_devices": 2, "parallel": "pmap"})):
+    loop.train_and_evaluate(student_config(teacher_dir, **overrides), str(tmp_path / name))
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(final_state(str(tmp_path / name)))):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=name)
+
+
+def test_resume_refuses_a_changed_teacher(teacher_and_student, tmp_path):
+  teacher_dir, student_dir, _ = teacher_and_student
+  config = student_config(teacher_dir)
+  # A student that started from this teacher (its teacher.json), then the teacher is retrained.
+  shutil.copy(student_dir / "teacher.json", tmp_path / "teacher.json")
+  changed = tmp_path / "changed_teacher"
+  loop.train_and_evaluate(_with_seed(config.teacher.config, 7), str(changed))
+  config.teacher.workdir = str(changed)
+  with pytest.raises(ConfigError, match="changed since this run started"):
+    teacher_lib.prepare_teacher(config, str(tmp_path), num_classes=10, resuming=True,
+                                train=loop.train_and_evaluate)
+  # Unchanged: accepted.
+  config.teacher.workdir = str(teacher_dir)
+  teacher = teacher_lib.prepare_teacher(config, str(tmp_path), num_classes=10, resuming=True,
+                                        train=loop.train_and_evaluate)
+  assert teacher.step == 8
+
+
+def _with_seed(config, seed):
+  config = config.copy_and_resolve_references()
+  config.seed = seed
+  return config
+
+
+def test_teacher_errors_are_config_errors(tmp_path):
+  config = student_config(tmp_path / "t")
+  del config["teacher"]
+  with pytest.raises(ConfigError, match="no config.teacher"):
+    loop.train_and_evaluate(config, str(tmp_path / "a"))
+  config = student_config(tmp_path / "t")
+  config.teacher.config.data.name = "digits"
+  with pytest.raises(ConfigError, match="a teacher must share the student's dataset"):
+    loop.train_and_evaluate(config, str(tmp_path / "b"))
+  config = student_config(tmp_path / "t")
+  config.teacher.config.num_epochs = 0
+  with pytest.raises(ConfigError, match="config.teacher.config.num_epochs=0"):
+    loop.train_and_evaluate(config, str(tmp_path / "c"))
+  # A resuming student whose teacher run has gone is refused, not silently retrained.
+  config = student_config(tmp_path / "gone")
+  with pytest.raises(ConfigError, match="unfinished or gone"):
+    teacher_lib.prepare_teacher(config, str(tmp_path / "d"), num_classes=10, resuming=True,
+                                train=loop.train_and_evaluate)
+
+
+def test_step_runs_the_teacher_in_eval_mode_on_the_students_augmented_batch():
+  model = models.get_model("lenet5_bn", num_classes=10)
+  teacher_model = models.get_model("lenet5_bn", num_classes=10)
+  dummy = jnp.zeros((1, 28, 28, 1))
+  teacher_variables = teacher_model.init(jax.random.PRNGKey(5), dummy, train=False)
+  # Non-trivial running statistics, so eval mode (running stats) differs from train mode.
+  teacher_variables = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.3 if "batch_stats" in jax.tree_util.keystr(p) else x, teacher_variables)
+  tx = optax.sgd(0.0)
+  method = kd(network_teacher(), alpha=1.0, temperature=2.0)
+  augmentation = Augmentation(crop_padding=2, flip=True, mean=(0.5,), std=(0.25,))
+  state = initial_state_fn(model=model, method=method, tx=tx, image_shape=(28, 28, 1), seed=0,
+                           num_devices=1)()
+  step = make_train_step(model=model, tx=tx, method=method, steps_per_epoch=4,
+                         augmentation=augmentation, schedule=lambda s: 0.0, axis_name=None,
+                         teacher_model=teacher_model)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.integers(0, 256, (8, 28, 28, 1), dtype=np.uint8),
+           "label": rng.integers(0, 10, (8,)).astype(np.int32),
+           "index": np.arange(8, dtype=np.int32)}
+  _, metrics = jax.jit(step)(state, batch, teacher_variables)
+
+  images = augment_batch(batch["image"], batch["index"], key=state.rng, epoch=0,
+                         crop_padding=2, flip=True, mean=(0.5,), std=(0.25,))
+  student = model.apply(state.variables(), images, train=True, mutable=["batch_stats"])[0]
+  teacher_eval = teacher_model.apply(teacher_variables, images, train=False)["logits"]
+  expected = losses.distillation_kl(student["logits"], teacher_eval, 2.0).mean()
+  np.testing.assert_allclose(metrics["kd_distill"], expected, rtol=1e-5)
+  teacher_train = teacher_model.apply(teacher_variables, images, train=True,
+                                      mutable=["batch_stats"])[0]["logits"]
+  wrong = losses.distillation_kl(student["logits"], teacher_train, 2.0).mean()
+  assert abs(float(wrong) - float(expected)) > 1e-3  # the test can tell the modes apart
