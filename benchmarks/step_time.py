@@ -54,6 +54,7 @@ import numpy as np
 
 from selfkd_jax import models
 from selfkd_jax.methods import table_bytes
+from selfkd_jax.models.exits import stage_feature_shapes
 from selfkd_jax.train import default_config, method_factory, optim, parallel
 from selfkd_jax.train.loop import COMPUTE_DTYPES
 from selfkd_jax.train.state import initial_state_fn
@@ -84,6 +85,7 @@ class _Case:
         steps_per_epoch=steps_per_epoch,
         output_shapes=models.output_shapes(eval_model, image_shape),
         variable_shapes=models.variable_shapes(eval_model, image_shape),
+        stage_shapes=tuple(stage_feature_shapes(eval_model, image_shape)),
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, steps_per_epoch,
                                                     config.num_epochs)[0],
         # ReffAKD's cost does not depend on the matrix: time it with a stand-in.

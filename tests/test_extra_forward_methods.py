@@ -1,5 +1,5 @@
-"""MrKD and CS-KD in the trainer: resume equals uninterrupted (snapshots, partners), 1 device
-equals 4, and CS-KD's partners are same-class examples."""
+"""Methods with extra forwards or heads in the trainer (MrKD snapshots, CS-KD partners, BYOT
+exits): resume equals uninterrupted, 1 device equals 4."""
 
 import json
 import os
@@ -23,11 +23,17 @@ def config_for(method, **overrides):
   return config
 
 
-@pytest.mark.parametrize("method", ["mrkd_tc", "cskd"])
+@pytest.mark.parametrize("method", ["mrkd_tc", "cskd", "byot"])
 def test_resume_equals_uninterrupted_and_four_devices_equal_one(method, tmp_path):
   whole, resumed, four = (str(tmp_path / name) for name in ("whole", "resumed", "four"))
-  loop.train_and_evaluate(config_for(method, num_devices=1), whole)
+  results = loop.train_and_evaluate(config_for(method, num_devices=1), whole)
   reference = final_state(whole)
+  if method == "byot":  # exits live in the method state; the model is LeNet-5-BN alone
+    num_params = sum(x.size for x in jax.tree.leaves(reference["params"]))
+    assert num_params == 61_728
+    assert jax.tree.leaves(reference["method_state"]["exit_params"])
+    assert set(results["test_exit_top1"]) == {"exit1", "ensemble"}
+    assert all(0.0 <= v <= 1.0 for v in results["test_exit_top1"].values())
   if method == "mrkd_tc":  # 3 pushes into 2 slots: the ring buffer wrapped
     assert int(reference["method_state"]["num_filled"]) == 2
     assert int(reference["method_state"]["next_slot"]) == 1
@@ -53,7 +59,7 @@ def test_resume_equals_uninterrupted_and_four_devices_equal_one(method, tmp_path
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   with open(os.path.join(four, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
-  key = "mrkd_active" if method == "mrkd_tc" else "cskd_distill"
+  key = {"mrkd_tc": "mrkd_active", "cskd": "cskd_distill", "byot": "byot_distill"}[method]
   assert any(key in line and line[key] > 0 for line in lines), key
 
 
@@ -97,3 +103,38 @@ def test_one_step_on_1_and_4_devices(method):
   for a, b in zip(jax.tree.leaves(state_1), jax.tree.leaves(state_4)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics_1["loss"], metrics_4["loss"], rtol=1e-6)
+
+
+def test_eval_step_reports_each_exit_and_the_logit_mean_ensemble():
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from selfkd_jax.methods import Method, stateless_init
+  from selfkd_jax.train.state import TrainState
+  from selfkd_jax.train.step import EXIT_PREFIX, Augmentation, make_eval_step
+
+  class Fixed(nn.Module):  # logits = the first 3 pixels of the image
+    @nn.compact
+    def __call__(self, x, *, train):
+      del train
+      return {"logits": x.reshape(x.shape[0], -1)[:, :3]}
+
+  def exit_logits(state, outputs):
+    del state
+    return {"flipped": -outputs["logits"], "shifted": outputs["logits"][:, ::-1] * 3.0}
+
+  method = Method(stateless_init, None, exit_logits=exit_logits)
+  step = make_eval_step(model=Fixed(), augmentation=Augmentation(0, False, (0.0,), (1.0,)),
+                        method=method)
+  logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 0.0, 4.0]], np.float32)
+  images = np.zeros((3, 2, 2, 1), np.uint8)
+  images.reshape(3, -1)[:, :3] = logits
+  labels = np.array([0, 0, 2], np.int32)
+  state = TrainState(step=0, params={}, batch_stats={}, opt_state=(), method_state=(), rng=None)
+  stats = jax.device_get(step(state, {"image": images, "label": labels}))
+  all_logits = [logits, -logits, logits[:, ::-1] * 3.0]
+  expected = {"flipped": np.argmax(-logits, -1) == labels,
+              "shifted": np.argmax(logits[:, ::-1], -1) == labels,
+              "ensemble": np.argmax(np.mean(all_logits, 0), -1) == labels}
+  for name, correct in expected.items():
+    np.testing.assert_array_equal(stats[EXIT_PREFIX + name], correct, err_msg=name)
+  np.testing.assert_array_equal(stats["correct"], np.argmax(logits, -1) == labels)

@@ -4,6 +4,7 @@ See `base` for the contract. Nothing here imports the trainer, the data pipeline
 """
 from selfkd_jax.methods.base import EmptyState, Method, MethodHooks, stateless_init
 from selfkd_jax.methods.baselines import cross_entropy, label_smoothing
+from selfkd_jax.methods.byot import ByotState, byot
 from selfkd_jax.methods.combine import combine
 from selfkd_jax.methods.cskd import cskd
 from selfkd_jax.methods.aekt import AEKTState, aekt
@@ -20,7 +21,7 @@ from selfkd_jax.methods.virtual_teacher import lsrkd, tfkd_reg
 from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
-    "AEKTState", "EmptyState", "Method", "aekt", "cskd", "dkd", "network_teacher", "tfkd_self", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
+    "AEKTState", "ByotState", "byot", "EmptyState", "Method", "aekt", "cskd", "dkd", "network_teacher", "tfkd_self", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
     "combine", "create_table", "cross_entropy", "gather_rows", "kd", "label_smoothing",
     "label_teacher", "lsrkd", "MrKDState", "mrkd",
     "pad_tables", "partition_specs", "pskd", "ras_kd", "reffakd", "scatter_rows",

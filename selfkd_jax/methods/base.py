@@ -68,8 +68,9 @@ class MethodHooks(NamedTuple):
       need a second forward pass (a weight snapshot, a partner batch). `None` when the caller
       offers none.
     variables: the current model variables, for methods that snapshot them.
-    images: the batch's images exactly as the model saw them (augmented, normalised), for
-      methods that run another network on the same inputs (a snapshot, a teacher).
+    images: the batch's images as augmented and normalised for the model (before any
+      `Method.train_inputs`), for methods that run another network on the same inputs (a
+      snapshot, a teacher).
     teacher: `teacher(images) -> outputs` runs a frozen teacher network in eval mode (no
       gradient); `None` when the run has no network teacher.
   """
@@ -85,11 +86,18 @@ class Method(NamedTuple):
   `exit_logits(state, outputs) -> {name: [B, C] logits}`: for methods that own auxiliary exits
   (BYOT, LSSKD), the exits' predictions from eval-mode model outputs, so evaluation can report
   every exit's accuracy; `None` for the others. The model's own logits are never among them.
+
+  `train_inputs(images [B, ...]) -> images [R·B, ...]`: for methods that train the model on more
+  views of each image than the batch holds (LSSKD's four rotations). The caller runs the model
+  on the returned images, whose first B rows must be the batch itself, so `outputs` passed to
+  `update` have R·B rows while `batch` keeps B; training accuracy is read from the first B.
+  `None` = the batch as it is.
   """
   init: InitFn
   update: UpdateFn
   refresh: Callable[..., PyTree] | None = None
   exit_logits: Callable[..., dict[str, jax.Array]] | None = None
+  train_inputs: Callable[[jax.Array], jax.Array] | None = None
 
 
 class EmptyState(NamedTuple):

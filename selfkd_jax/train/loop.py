@@ -30,7 +30,8 @@ from selfkd_jax.train.checkpoint import Checkpointer
 from selfkd_jax.train.method_factory import (MethodContext, build_method, needs_network_teacher,
                                              needs_partners)
 from selfkd_jax.train.state import initial_state_fn
-from selfkd_jax.train.step import (Augmentation, make_eval_step, make_refresh_step,
+from selfkd_jax.models.exits import stage_feature_shapes
+from selfkd_jax.train.step import (EXIT_PREFIX, Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -119,8 +120,9 @@ class Experiment:
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, self.steps_per_epoch,
                                                     config.num_epochs)[0],
         dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
-        log=_log_line, variable_shapes=models.variable_shapes(self.eval_model,
-                                                              self.info.image_shape))
+        log=_log_line,
+        variable_shapes=models.variable_shapes(self.eval_model, self.info.image_shape),
+        stage_shapes=tuple(stage_feature_shapes(self.eval_model, self.info.image_shape)))
     try:
       return build_method(config.method, context)
     except ValueError as e:  # a value the method's constructor refuses: a config error
@@ -157,7 +159,8 @@ class Experiment:
 
     self.train_step = self.runner.compile_train(counted_train_body, abstract_state)
     self.eval_step = self.runner.compile_eval(
-        make_eval_step(model=self.eval_model, augmentation=self.augmentation), abstract_state)
+        make_eval_step(model=self.eval_model, augmentation=self.augmentation,
+                       method=self.method), abstract_state)
     self.refresh_step = None
     if self.method.refresh is not None:
       self.refresh_step = self.runner.compile_refresh(
@@ -185,10 +188,15 @@ class Experiment:
       masks.append(self.runner.fetch(batch["mask"]))
     keep = np.concatenate(masks) > 0
     merged = {k: np.concatenate([s[k] for s in stats])[keep] for k in stats[0]}
+    exits = {k[len(EXIT_PREFIX):]: float(np.mean(merged.pop(k))) for k in list(merged)
+             if k.startswith(EXIT_PREFIX)}
     bins = calibration_bins(merged["confidence"], merged["correct"])
     # The 15-bin sums behind ECE, kept for reliability diagrams (they add up across runs).
-    return {**classification_metrics(merged),
-            "calibration_bins": {k: v.tolist() for k, v in bins.items()}}
+    metrics = {**classification_metrics(merged),
+               "calibration_bins": {k: v.tolist() for k, v in bins.items()}}
+    if exits:  # auxiliary exits (BYOT, LSSKD): top-1 of each and of their ensemble
+      metrics["exit_top1"] = exits
+    return metrics
 
   def refresh(self, state):
     for batch in self._sequential(self.train_source):
@@ -339,6 +347,7 @@ def _results(experiment, history, state, wall_s, images_per_s) -> dict[str, Any]
       "test_ece": final["ece"], "test_ece_10bins": final["ece_10bins"],
       "test_aurc": final["aurc"], "best_test_top1": best["top1"], "best_epoch": best["epoch"],
       "test_calibration_bins": final.get("calibration_bins"),
+      **({"test_exit_top1": final["exit_top1"]} if "exit_top1" in final else {}),
       "epochs": final["epoch"], "wall_s": wall_s, "images_per_s": images_per_s,
       "method": config.method.name, "model": config.model.name, "dataset": config.data.name,
       "seed": config.seed, "num_devices": len(experiment.devices),
@@ -372,5 +381,6 @@ def _epoch_line(epoch, num_epochs, train_values, test) -> str:
   if train_values is not None:
     train = (f"train loss {float(train_values['loss']):.4f} "
              f"acc {float(train_values['accuracy']):.4f} | ")
+  exits = "".join(f" | {name} {top1:.4f}" for name, top1 in test.get("exit_top1", {}).items())
   return (f"epoch {epoch}/{num_epochs} | {train}test top1 {test['top1']:.4f} "
-          f"nll {test['nll']:.4f} ece {test['ece']:.4f}")
+          f"nll {test['nll']:.4f} ece {test['ece']:.4f}{exits}")

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from selfkd_jax import methods
+from selfkd_jax.models import exits as exits_lib
 
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -40,6 +41,8 @@ class MethodContext:
       without making an artifact); None = load or make the artifact named by the config.
     variable_shapes: the model's `{'params', 'batch_stats'}` as ShapeDtypeStructs, for methods
       that keep copies of them (MrKD's snapshots).
+    stage_shapes: shapes of `outputs['stage_features']` (one image), for methods that put
+      auxiliary exits on the stages (BYOT, LSSKD).
   """
   num_examples: int
   num_classes: int
@@ -53,6 +56,7 @@ class MethodContext:
   log: Callable[[str], Any] = print
   soft_labels: Any = None
   variable_shapes: Any = None
+  stage_shapes: tuple = ()
 
 
 def _cross_entropy(cfg, ctx):
@@ -168,6 +172,18 @@ def _mrkd(cfg, ctx):
                       tc_beta=cfg.get("tc_beta", 0.5), tc_when=cfg.get("tc_when", "always"))
 
 
+def _byot(cfg, ctx):
+  if len(ctx.stage_shapes) < 2:
+    raise ValueError("byot needs a model with at least 2 stages in outputs['stage_features']")
+  exits = exits_lib.make_exits("byot", ctx.stage_shapes, ctx.output_shapes["features"][-1],
+                               ctx.num_classes, attention=cfg.attention)
+  return methods.byot(exits, alpha=cfg.alpha, temperature=cfg.temperature,
+                      feature_weight=cfg.feature_weight, variant=cfg.variant,
+                      feature_norm=cfg.feature_norm,
+                      feature_exits=tuple(cfg.feature_exits) or None,
+                      exit_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+
+
 def _cskd(cfg, ctx):
   del ctx
   return methods.cskd(temperature=cfg.temperature, weight=cfg.weight)
@@ -214,6 +230,11 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "mrkd": (_mrkd, {"alpha": 0.5, "temperature": 4.0, "refresh_every": 0, "num_snapshots": 1}),
     "mrkd_tc": (_mrkd, {"alpha": 0.5, "temperature": 4.0, "refresh_every": 0,
                         "num_snapshots": 1, "tc": "mix", "tc_beta": 0.5, "tc_when": "always"}),
+    # Exits on every stage but the last, owned and trained by the method; feature_exits ()
+    # = every exit gets the feature term (the official code skips exit 3 of 4: (1, 2)).
+    "byot": (_byot, {"alpha": 0.3, "temperature": 3.0, "feature_weight": 0.03,
+                     "variant": "journal", "feature_norm": "batch", "feature_exits": (),
+                     "attention": True}),
     # Needs same-class partners from the data pipeline (see `needs_partners`).
     "cskd": (_cskd, {"temperature": 4.0, "weight": 1.0}),
 }

@@ -50,9 +50,8 @@ class RunLog:
     self._metrics_file.write(json.dumps(record) + "\n")
     self._metrics_file.flush()
     if self._tensorboard is not None:
-      for name, value in values.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-          self._tensorboard.add_scalar(f"{kind}/{name}", value, int(step))
+      for name, value in _scalars(values):
+        self._tensorboard.add_scalar(f"{kind}/{name}", value, int(step))
 
   def read_eval_history(self, up_to_epoch: int) -> list[dict]:
     """Evaluations of epochs `<= up_to_epoch` (later ones belong to work lost in a crash)."""
@@ -75,6 +74,19 @@ class RunLog:
       self._metrics_file.close()
     if self._tensorboard is not None:
       self._tensorboard.close()
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _scalars(values: dict):
+  """(name, number) pairs; a dict of numbers (e.g. each exit's top-1) gives `name/key`."""
+  for name, value in values.items():
+    if _is_number(value):
+      yield name, value
+    elif isinstance(value, dict):
+      yield from ((f"{name}/{k}", v) for k, v in value.items() if _is_number(v))
 
 
 def _plain(value):

@@ -87,9 +87,12 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
                            rngs={"dropout": jax.random.fold_in(dropout_rng, 1)})[0]
       return model.apply(variables, forward_images, train=False)
 
+    # LSSKD trains on four rotations of every image: the model sees them, the method knows.
+    model_images = images if method.train_inputs is None else method.train_inputs(images)
+
     def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
-      outputs, model_updates = model.apply(variables, images, train=True,
+      outputs, model_updates = model.apply(variables, model_images, train=True,
                                            mutable=["batch_stats"],
                                            rngs={"dropout": dropout_rng})
       hooks = MethodHooks(forward=forward, variables=variables, images=images, teacher=teacher)
@@ -106,7 +109,8 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
     grads = _pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    accuracy = jnp.mean(jnp.argmax(outputs["logits"], -1) == batch["label"])
+    batch_size = batch["label"].shape[0]
+    accuracy = jnp.mean(jnp.argmax(outputs["logits"][:batch_size], -1) == batch["label"])
     metrics = {"loss": loss, "accuracy": accuracy.astype(jnp.float32),
                "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
                **method_metrics}
@@ -118,13 +122,31 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
   return train_step
 
 
-def make_eval_step(*, model, augmentation: Augmentation) -> Callable:
-  """The per-device eval step `(state, batch) -> per-example stats` (eval mode, no augmentation)."""
+EXIT_PREFIX = "exit_correct/"
+
+
+def make_eval_step(*, model, augmentation: Augmentation, method: Method | None = None
+                   ) -> Callable:
+  """The per-device eval step `(state, batch) -> per-example stats` (eval mode, no augmentation).
+
+  For a method with auxiliary exits (`method.exit_logits`), the stats also hold whether each
+  exit, and the ensemble of every exit with the model's own classifier (mean of logits, as in
+  BYOT's code), is right: `'exit_correct/<name>'` and `'exit_correct/ensemble'`.
+  """
 
   def eval_step(state: TrainState, batch):
     images = normalize(batch["image"], augmentation.mean, augmentation.std)
     outputs = model.apply(state.variables(), images, train=False)
-    return per_example_stats(outputs["logits"], batch["label"])
+    stats = per_example_stats(outputs["logits"], batch["label"])
+    if method is not None and method.exit_logits is not None:
+      exit_logits = method.exit_logits(state.method_state, outputs)
+      all_logits = [outputs["logits"].astype(jnp.float32)]
+      for name, logits in exit_logits.items():
+        stats[EXIT_PREFIX + name] = jnp.argmax(logits, -1) == batch["label"]
+        all_logits.append(logits.astype(jnp.float32))
+      ensemble = jnp.mean(jnp.stack(all_logits), axis=0)
+      stats[EXIT_PREFIX + "ensemble"] = jnp.argmax(ensemble, -1) == batch["label"]
+    return stats
 
   return eval_step
 
