@@ -85,7 +85,7 @@ class _Case:
         steps_per_epoch=steps_per_epoch,
         output_shapes=models.output_shapes(eval_model, image_shape),
         variable_shapes=models.variable_shapes(eval_model, image_shape),
-        stage_shapes=tuple(stage_feature_shapes(eval_model, image_shape)),
+        stage_shapes=tuple(stage_feature_shapes(eval_model, image_shape)), model=eval_model,
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, steps_per_epoch,
                                                     config.num_epochs)[0],
         # ReffAKD's cost does not depend on the matrix: time it with a stand-in.

@@ -23,7 +23,7 @@ def config_for(method, **overrides):
   return config
 
 
-@pytest.mark.parametrize("method", ["mrkd_tc", "cskd", "byot"])
+@pytest.mark.parametrize("method", ["mrkd_tc", "cskd", "byot", "lsskd"])
 def test_resume_equals_uninterrupted_and_four_devices_equal_one(method, tmp_path):
   whole, resumed, four = (str(tmp_path / name) for name in ("whole", "resumed", "four"))
   results = loop.train_and_evaluate(config_for(method, num_devices=1), whole)
@@ -34,6 +34,10 @@ def test_resume_equals_uninterrupted_and_four_devices_equal_one(method, tmp_path
     assert jax.tree.leaves(reference["method_state"]["exit_params"])
     assert set(results["test_exit_top1"]) == {"exit1", "ensemble"}
     assert all(0.0 <= v <= 1.0 for v in results["test_exit_top1"].values())
+  if method == "lsskd":  # a head on each LeNet block; tables: main [N, C], per head [4N, 4C]
+    assert set(results["test_exit_top1"]) == {"exit1", "exit2", "ensemble"}
+    assert sum(x.size for x in jax.tree.leaves(reference["params"])) == 61_728
+    assert results["state_bytes_per_device"] == (512 * 10 + 2 * 4 * 512 * 40) * 4
   if method == "mrkd_tc":  # 3 pushes into 2 slots: the ring buffer wrapped
     assert int(reference["method_state"]["num_filled"]) == 2
     assert int(reference["method_state"]["next_slot"]) == 1
@@ -46,6 +50,11 @@ def test_resume_equals_uninterrupted_and_four_devices_equal_one(method, tmp_path
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(final_state(resumed))):
     np.testing.assert_array_equal(a, b)
 
+  if method == "lsskd":
+    # Its 4x rotated batches hit exact max-pool ties in the zero background, where rounding
+    # differences (~1e-7) flip which input gets the gradient: losses agree to 1e-6 for 5 steps,
+    # then jump to ~1e-4. Device equality is checked over two steps below instead.
+    return
   loop.train_and_evaluate(config_for(method, num_devices=4), four)
   # Only the order of float reductions differs (BatchNorm statistics over devices); the T^2 = 16
   # terms amplify that rounding to ~1e-5 in 16 steps (a missing collective differs by ~1e-2).
@@ -59,13 +68,15 @@ def test_resume_equals_uninterrupted_and_four_devices_equal_one(method, tmp_path
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
   with open(os.path.join(four, "metrics.jsonl")) as f:
     lines = [json.loads(line) for line in f]
-  key = {"mrkd_tc": "mrkd_active", "cskd": "cskd_distill", "byot": "byot_distill"}[method]
+  key = {"mrkd_tc": "mrkd_active", "cskd": "cskd_distill", "byot": "byot_distill",
+         "lsskd": "lsskd_distill"}[method]
   assert any(key in line and line[key] > 0 for line in lines), key
 
 
 def _one_step(method_name, num_devices):
   import optax
   from selfkd_jax import models
+  from selfkd_jax.models.exits import stage_feature_shapes
   from selfkd_jax.train import default_config, method_factory, parallel
   from selfkd_jax.train.state import initial_state_fn
   from selfkd_jax.train.step import Augmentation, make_train_step
@@ -76,12 +87,14 @@ def _one_step(method_name, num_devices):
   context = method_factory.MethodContext(
       num_examples=512, num_classes=10, num_epochs=1, steps_per_epoch=1,
       output_shapes=models.output_shapes(eval_model, (28, 28, 1)),
-      variable_shapes=models.variable_shapes(eval_model, (28, 28, 1)))
+      variable_shapes=models.variable_shapes(eval_model, (28, 28, 1)),
+      stage_shapes=tuple(stage_feature_shapes(eval_model, (28, 28, 1))), model=eval_model)
   method = method_factory.build_method(default_config.method_config(method_name), context)
   state = runner.init_state(initial_state_fn(model=eval_model, method=method, tx=tx,
                                              image_shape=(28, 28, 1), seed=0,
                                              num_devices=num_devices))
-  # refresh_every = steps_per_epoch = 1: MrKD's snapshot exists from step 1; two steps.
+  # steps_per_epoch = 1: the second step is epoch 1, where MrKD's snapshot exists and LSSKD
+  # reads its tables.
   body = make_train_step(model=model, tx=tx, method=method, steps_per_epoch=1,
                          augmentation=Augmentation(2, True, (0.5,), (0.25,)),
                          schedule=lambda s: 0.1, axis_name=parallel.AXIS)
@@ -97,7 +110,7 @@ def _one_step(method_name, num_devices):
   return jax.device_get(state), jax.device_get(metrics)
 
 
-@pytest.mark.parametrize("method", ["mrkd_tc", "cskd"])
+@pytest.mark.parametrize("method", ["mrkd_tc", "cskd", "lsskd"])
 def test_one_step_on_1_and_4_devices(method):
   (state_1, metrics_1), (state_4, metrics_4) = _one_step(method, 1), _one_step(method, 4)
   for a, b in zip(jax.tree.leaves(state_1), jax.tree.leaves(state_4)):

@@ -10,6 +10,7 @@ from selfkd_jax.methods.cskd import cskd
 from selfkd_jax.methods.aekt import AEKTState, aekt
 from selfkd_jax.methods.dkd import dkd
 from selfkd_jax.methods.kd import kd, label_teacher, network_teacher, tfkd_self
+from selfkd_jax.methods.lsskd import LSSKDState, lsskd
 from selfkd_jax.methods.mrkd import MrKDState, mrkd
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
                                             pad_tables, partition_specs, scatter_rows,
@@ -23,7 +24,7 @@ from selfkd_jax.methods.zipf import zipf
 __all__ = [
     "AEKTState", "ByotState", "byot", "EmptyState", "Method", "aekt", "cskd", "dkd", "network_teacher", "tfkd_self", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
     "combine", "create_table", "cross_entropy", "gather_rows", "kd", "label_smoothing",
-    "label_teacher", "lsrkd", "MrKDState", "mrkd",
+    "label_teacher", "LSSKDState", "lsskd", "lsrkd", "MrKDState", "mrkd",
     "pad_tables", "partition_specs", "pskd", "ras_kd", "reffakd", "scatter_rows",
     "soft_label_teacher", "stateless_init", "table_bytes", "tfkd_reg", "zipf",
 ]

@@ -122,7 +122,8 @@ class Experiment:
         dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
         log=_log_line,
         variable_shapes=models.variable_shapes(self.eval_model, self.info.image_shape),
-        stage_shapes=tuple(stage_feature_shapes(self.eval_model, self.info.image_shape)))
+        stage_shapes=tuple(stage_feature_shapes(self.eval_model, self.info.image_shape)),
+        model=self.eval_model)
     try:
       return build_method(config.method, context)
     except ValueError as e:  # a value the method's constructor refuses: a config error

@@ -43,6 +43,7 @@ class MethodContext:
       that keep copies of them (MrKD's snapshots).
     stage_shapes: shapes of `outputs['stage_features']` (one image), for methods that put
       auxiliary exits on the stages (BYOT, LSSKD).
+    model: the (eval-mode) model, for exits that copy its blocks (LSSKD's HSAKD heads).
   """
   num_examples: int
   num_classes: int
@@ -57,6 +58,7 @@ class MethodContext:
   soft_labels: Any = None
   variable_shapes: Any = None
   stage_shapes: tuple = ()
+  model: Any = None
 
 
 def _cross_entropy(cfg, ctx):
@@ -184,6 +186,18 @@ def _byot(cfg, ctx):
                       exit_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
 
 
+def _lsskd(cfg, ctx):
+  kwargs = exits_lib.backbone_exit_kwargs(ctx.model) if ctx.model is not None else {}
+  exits = exits_lib.make_exits("hsakd", ctx.stage_shapes, ctx.output_shapes["features"][-1],
+                               ctx.num_classes, **kwargs)
+  return methods.lsskd(exits, ctx.num_examples, ctx.num_classes, ctx.num_epochs,
+                       alpha_T=cfg.alpha_T, aux_alpha_T=cfg.aux_alpha_T or None,
+                       temperature=cfg.temperature, aux_weight=cfg.aux_weight,
+                       distill_weight=cfg.distill_weight, feature_weight=cfg.feature_weight,
+                       main_pskd=cfg.main_pskd, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype],
+                       exit_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+
+
 def _cskd(cfg, ctx):
   del ctx
   return methods.cskd(temperature=cfg.temperature, weight=cfg.weight)
@@ -235,6 +249,11 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "byot": (_byot, {"alpha": 0.3, "temperature": 3.0, "feature_weight": 0.03,
                      "variant": "journal", "feature_norm": "batch", "feature_exits": (),
                      "attention": True}),
+    # HSAKD rotation heads on every stage (4 rotations per image), PS-KD targets for the main
+    # head and every auxiliary head; aux_alpha_T 0 = alpha_T.
+    "lsskd": (_lsskd, {"alpha_T": 0.8, "aux_alpha_T": 0.0, "temperature": 3.0,
+                       "aux_weight": 1.0, "distill_weight": 1.0, "feature_weight": 0.03,
+                       "main_pskd": True, "storage_dtype": "float32"}),
     # Needs same-class partners from the data pipeline (see `needs_partners`).
     "cskd": (_cskd, {"temperature": 4.0, "weight": 1.0}),
 }
