@@ -68,13 +68,22 @@ def kd(teacher: TeacherFn, *, alpha: float = 0.9, temperature: float = 4.0) -> M
   if temperature <= 0:
     raise ValueError(f"kd: temperature must be > 0, got {temperature}")
 
+  return _teacher_distillation(teacher, "kd", ce_weight=1.0 - alpha,
+                               kl_weight=lambda num_classes: alpha, temperature=temperature)
+
+
+def _teacher_distillation(teacher: TeacherFn, name: str, *, ce_weight: float,
+                          kl_weight: Callable[[int], float], temperature: float) -> Method:
+  """`ce_weight CE(z, y) + kl_weight(C) T^2 KL(softmax(z_t / T) || softmax(z / T))`."""
+
   def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
     del step, epoch, axis_name
     logits, labels = outputs["logits"], batch["label"]
     teacher_logits = jax.lax.stop_gradient(teacher(outputs, batch, hooks))
     distill = losses.distillation_kl(logits, teacher_logits, temperature)
-    loss = (1.0 - alpha) * losses.cross_entropy(logits, labels) + alpha * distill
-    return loss, state, {"kd_distill": distill.mean()}
+    loss = (ce_weight * losses.cross_entropy(logits, labels)
+            + kl_weight(logits.shape[-1]) * distill)
+    return loss, state, {f"{name}_distill": distill.mean()}
 
   return Method(stateless_init, update)
 
@@ -116,13 +125,8 @@ def tfkd_self(teacher: TeacherFn, *, alpha: float = 0.95, temperature: float = 6
   if variant not in TFKD_SELF_VARIANTS:
     raise ValueError(f"tfkd_self: variant={variant!r}; allowed: {', '.join(TFKD_SELF_VARIANTS)}")
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name
-    logits, labels = outputs["logits"], batch["label"]
-    teacher_logits = jax.lax.stop_gradient(teacher(outputs, batch, hooks))
-    distill = losses.distillation_kl(logits, teacher_logits, temperature)
-    weight = alpha * (multiplier / logits.shape[-1] if variant == "faithful" else 1.0)
-    loss = (1.0 - alpha) * losses.cross_entropy(logits, labels) + weight * distill
-    return loss, state, {"tfkd_self_distill": distill.mean()}
+  def kl_weight(num_classes):  # faithful: KLDivLoss's mean over B·C, rescaled by m
+    return alpha * (multiplier / num_classes if variant == "faithful" else 1.0)
 
-  return Method(stateless_init, update)
+  return _teacher_distillation(teacher, "tfkd_self", ce_weight=1.0 - alpha, kl_weight=kl_weight,
+                               temperature=temperature)

@@ -21,6 +21,8 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
+# config.model.dtype -> the computation dtype (parameters stay float32).
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
@@ -55,6 +57,14 @@ def get_model(name: str, *, num_classes: int, dtype: Any = jnp.float32,
         f"model {name!r} fixes {', '.join(clash)}; pick another name instead")
   return cls(num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
              **fixed, **kwargs)
+
+
+def model_from_config(model_config: Any, *, num_classes: int,
+                      bn_axis_name: str | None = None) -> nn.Module:
+  """The model a run's `config.model` (name, dtype, kwargs) describes."""
+  return get_model(model_config.name, num_classes=num_classes,
+                   dtype=COMPUTE_DTYPES[model_config.dtype], bn_axis_name=bn_axis_name,
+                   **dict(model_config.get('kwargs', {})))
 
 
 def output_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, tuple]:

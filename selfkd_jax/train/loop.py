@@ -34,7 +34,7 @@ from selfkd_jax.models.exits import stage_feature_shapes
 from selfkd_jax.train.step import (EXIT_PREFIX, Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = models.COMPUTE_DTYPES  # (benchmarks import it from here)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -95,10 +95,8 @@ class Experiment:
     self.total_steps = self.steps_per_epoch * config.num_epochs
 
     self.runner = parallel.make_runner(config.parallel, self.devices)
-    self.model = models.get_model(config.model.name, num_classes=self.num_classes,
-                                  dtype=COMPUTE_DTYPES[config.model.dtype],
-                                  bn_axis_name=parallel.AXIS,
-                                  **dict(config.model.get("kwargs", {})))
+    self.model = models.model_from_config(config.model, num_classes=self.num_classes,
+                                          bn_axis_name=parallel.AXIS)
     self.eval_model = self.model.clone(bn_axis_name=None)
     self.tx, self.schedule = optim.make_optimizer(config.optimizer, self.steps_per_epoch,
                                                   config.num_epochs)

@@ -33,9 +33,6 @@ from selfkd_jax.train.run_log import write_json_atomic
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
                                             TEACHER_FILE)
 
-COMPUTE_DTYPES = {"float32": jax.numpy.float32, "bfloat16": jax.numpy.bfloat16}
-
-
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """A loaded frozen teacher: its (eval-mode) model, variables and identity."""
@@ -88,9 +85,7 @@ def load_teacher(workdir: str, num_classes: int) -> Teacher:
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     teacher_config = ml_collections.ConfigDict(json.load(f))
   variables, step = load_variables(workdir)
-  model = models.get_model(teacher_config.model.name, num_classes=num_classes,
-                           dtype=COMPUTE_DTYPES[teacher_config.model.dtype],
-                           **dict(teacher_config.model.get("kwargs", {})))
+  model = models.model_from_config(teacher_config.model, num_classes=num_classes)
   return Teacher(model=model, variables=variables, workdir=os.path.abspath(workdir), step=step,
                  sha256=variables_sha256(variables), config=teacher_config)
 
