@@ -8,7 +8,8 @@ one the ReffAKD config uses (`artifacts/reffakd_fashion_mnist.json`, made on fir
     python launch.py --config=configs/fashion_mnist/kd_reffakd.py --workdir=runs/fmnist_kd_reffakd
     python launch.py --config=configs/fashion_mnist/kd_reffakd.py:smoke --workdir=/tmp/smoke
 
-Expected: test top-1 about 0.90 (benchmarks/results/fashion_mnist has the measured table).
+Expected: test top-1 about 0.85 with NLL about 1.7: these soft labels are nearly uniform
+(benchmarks/results/fashion_mnist has the measured table).
 """
 from selfkd_jax.train.default_config import fashion_mnist_recipe, method_config
 
