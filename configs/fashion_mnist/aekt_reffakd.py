@@ -14,6 +14,6 @@ from selfkd_jax.train.default_config import fashion_mnist_recipe, method_config
 
 def get_config(arg=None):
   config = fashion_mnist_recipe(arg)
-  config.method = method_config("aekt", alpha=1.0, beta=8.0, temperature=4.0,
-                                warmup_epochs=2.0, teacher="reffakd", autoencoder_epochs=10)
+  config.method = method_config("aekt", alpha=1.0, beta=1.0, temperature=4.0,
+                                warmup_epochs=5.0, teacher="reffakd", autoencoder_epochs=10)
   return config

@@ -1,4 +1,4 @@
-"""DKD (alpha 1, beta 8, T 4, warm-up 2 epochs) from the ReffAKD soft labels as a pseudo-teacher,
+"""DKD (alpha 1, beta 1, T 4, warm-up 5 epochs, as configs/fashion_mnist/dkd.py) from the ReffAKD soft labels as a pseudo-teacher,
 LeNet-5-BN on Fashion-MNIST.
 
 The teacher logits of an example are `log S_soft[y]` (the artifact of the ReffAKD config,
@@ -15,6 +15,6 @@ from selfkd_jax.train.default_config import fashion_mnist_recipe, method_config
 
 def get_config(arg=None):
   config = fashion_mnist_recipe(arg)
-  config.method = method_config("dkd", alpha=1.0, beta=8.0, temperature=4.0,
-                                warmup_epochs=2.0, teacher="reffakd", autoencoder_epochs=10)
+  config.method = method_config("dkd", alpha=1.0, beta=1.0, temperature=4.0,
+                                warmup_epochs=5.0, teacher="reffakd", autoencoder_epochs=10)
   return config

@@ -39,7 +39,7 @@ def _target_prob(logits, labels, temperature):
 
 def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: float = 8.0,
          temperature: float = 4.0, warmup_epochs: float = 20.0, weight_fn: str = "ratio",
-         max_weight: float = 4.0, serialization_head: bool = True,
+         max_weight: float = 1.0, serialization_head: bool = True,
          head_optimizer: optax.GradientTransformation | None = None) -> Method:
   r"""Adaptive explicit knowledge transfer (AEKT) — a **reconstruction**.
 
@@ -48,8 +48,9 @@ def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: floa
 
   - implicit knowledge: DKD's NCKD (the non-target distribution), weight `beta`;
   - explicit knowledge: DKD's TCKD (the binary target/non-target split), weighted per example
-    by the adaptive `w = clip(sg(p_t[y] / p_s[y]), 0, max_weight)` (probabilities at `T`;
-    `weight_fn='ratio'`), or `w = 1` (`weight_fn='constant'`, i.e. plain DKD on the head);
+    by the adaptive `w = clip(sg(p_t[y] / p_s[y]), 0, max_weight)` (probabilities at `T`, `p_s`
+    from the classifier's logits `z`; `weight_fn='ratio'`), or `w = 1`
+    (`weight_fn='constant'`, i.e. plain DKD on the head);
   - task serialization: a C×C linear head `h` (identity-initialised, so it starts as a no-op)
     after the classifier receives the distillation terms while CE acts on the classifier's own
     logits `z`, so the two tasks do not pull one output in two directions:
@@ -61,8 +62,11 @@ def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: floa
     method state, so the model has no extra parameters and evaluation uses `z` alone.
     `serialization_head=False` distils on `z` directly.
 
-  Defaults `alpha`, `beta`, `T`, warm-up are DKD's CIFAR values; `max_weight = 4` and the
-  identity initialisation are ours.
+  Defaults `alpha`, `beta`, `T`, warm-up are DKD's CIFAR values; `max_weight = 1` (the weight
+  only ever lowers TCKD) and the identity initialisation are ours. Measured on Fashion-MNIST
+  (LeNet-5-BN, beta 1, 6 epochs of 8192 images): with `max_weight = 4` the head and the
+  amplified TCKD collapsed training to chance in epoch 2; with 1, or without the head, or with
+  `weight_fn='constant'`, it trained to 84-86%.
 
   Args:
     teacher: `teacher(outputs, batch, hooks) -> [B, C]` teacher logits (a checkpoint through
@@ -101,8 +105,11 @@ def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: floa
   def distillation(head_params, logits, teacher_logits, labels, warmup):
     serialized = _serialize(head_params, logits)
     if weight_fn == "ratio":
+      # p_s from the classifier (the student's own prediction, what inference uses), not from
+      # the head: weighing by the head's p_s lets the head and the weight feed each other
+      # (measured: collapse to chance within 2 epochs on Fashion-MNIST).
       ratio = (_target_prob(teacher_logits, labels, temperature)
-               / _target_prob(serialized, labels, temperature))
+               / _target_prob(logits, labels, temperature))
       weight = jnp.clip(lax.stop_gradient(ratio), 0.0, max_weight)
     else:
       weight = jnp.ones(labels.shape, jnp.float32)

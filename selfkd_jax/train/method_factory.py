@@ -236,7 +236,7 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "dkd": (_dkd, {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0,
                    "ce_weight": 1.0, "teacher": "checkpoint", **_ARTIFACT_KEYS}),
     "aekt": (_aekt, {"alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20.0,
-                     "weight_fn": "ratio", "max_weight": 4.0, "serialization_head": True,
+                     "weight_fn": "ratio", "max_weight": 1.0, "serialization_head": True,
                      "teacher": "checkpoint", **_ARTIFACT_KEYS}),
     "tfkd_self": (_tfkd_self, {"alpha": 0.95, "temperature": 6.0, "multiplier": 50.0,
                                "variant": "faithful"}),
