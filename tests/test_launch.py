@@ -120,3 +120,13 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path, flags, message):
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr
   assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_teacher_overrides_go_through_the_student_config(tmp_path):
+  # --config.teacher.config.* reaches the nested teacher config (here: refused before training).
+  result = launch(str(tmp_path), "--config=configs/fashion_mnist/kd.py:smoke",
+                  "--config.teacher.config.num_epochs=0", timeout=120)
+  assert result.returncode == 2, result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert error_lines == ["error: config.teacher.config.num_epochs=0 must be > 0"], result.stderr
+  assert not os.path.exists(tmp_path / "teacher")
