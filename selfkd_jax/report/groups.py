@@ -9,6 +9,7 @@ labelled by its method name plus the keys that tell it apart from the other grou
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Any, Sequence
 
@@ -52,7 +53,14 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 def _comparable(run: Run) -> dict[str, str]:
   config = {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
-  return flatten(config)
+  teacher = config.pop("teacher", None)
+  flat = flatten(config)
+  if isinstance(teacher, dict):
+    # A whole run config nested in the student's: one key, the config file it came from plus a
+    # digest of the (possibly overridden) config, so different teachers still group apart.
+    digest = hashlib.sha256(json.dumps(teacher, sort_keys=True).encode()).hexdigest()[:8]
+    flat["teacher"] = json.dumps(f"{teacher.get('source') or 'config'}#{digest}")
+  return flat
 
 
 def group_runs(runs: Sequence[Run]) -> list[Group]:
