@@ -14,6 +14,7 @@ from selfkd_jax import losses
 from selfkd_jax.methods.base import Method
 from selfkd_jax.methods.dkd import check_weights, warmup_factor
 from selfkd_jax.methods.kd import TeacherFn
+from selfkd_jax.methods.owned_params import owned_params_step
 
 WEIGHT_FUNCTIONS = ("ratio", "constant")
 
@@ -132,10 +133,8 @@ def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: floa
                                      labels, warmup)[0])
 
       grads = jax.grad(head_loss)(state.head_params)
-      if axis_name is not None:
-        grads = lax.pmean(grads, axis_name)
-      updates, opt_state = head_optimizer.update(grads, state.head_opt_state, state.head_params)
-      new_state = AEKTState(optax.apply_updates(state.head_params, updates), opt_state)
+      new_state = AEKTState(*owned_params_step(head_optimizer, state.head_params,
+                                               state.head_opt_state, grads, axis_name))
     loss = losses.cross_entropy(logits, labels) + distill
     return loss, new_state, {"aekt_distill": distill.mean(), "aekt_weight": weight.mean(),
                              "aekt_warmup": warmup}

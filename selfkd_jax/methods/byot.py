@@ -11,6 +11,7 @@ from jax import lax
 
 from selfkd_jax import losses
 from selfkd_jax.methods.base import Method
+from selfkd_jax.methods.owned_params import owned_params_step
 
 VARIANTS = ("journal", "conference")
 FEATURE_NORMS = ("example", "batch")
@@ -221,11 +222,9 @@ def byot(exits: Any, *, alpha: float = 0.3, temperature: float = 3.0,
       return jnp.mean(per_example), aux
 
     grads, aux = jax.grad(step_loss, has_aux=True)(state.exit_params)
-    if axis_name is not None:
-      grads = lax.pmean(grads, axis_name)
-    updates, opt_state = exit_optimizer.update(grads, state.exit_opt_state, state.exit_params)
-    new_state = ByotState(optax.apply_updates(state.exit_params, updates), aux["batch_stats"],
-                          opt_state)
+    exit_params, opt_state = owned_params_step(exit_optimizer, state.exit_params,
+                                               state.exit_opt_state, grads, axis_name)
+    new_state = ByotState(exit_params, aux["batch_stats"], opt_state)
     metrics = {f"byot_{name}_accuracy": _accuracy(z, labels)
                for name, z in zip(names, aux["logits"])}
     metrics.update(byot_exit_ce=aux["ce"], byot_distill=aux["distill"],

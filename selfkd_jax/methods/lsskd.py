@@ -11,6 +11,7 @@ from jax import lax
 
 from selfkd_jax import losses
 from selfkd_jax.methods.base import Method
+from selfkd_jax.methods.owned_params import owned_params_step
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
                                             scatter_rows)
 
@@ -331,13 +332,11 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
       return jnp.mean(rows), aux
 
     grads, (_, new_stats, _) = jax.grad(step_loss, has_aux=True)(state.exit_params)
-    if axis_name is not None:
-      grads = lax.pmean(grads, axis_name)
-    updates, opt_state = exit_optimizer.update(grads, state.exit_opt_state, state.exit_params)
+    exit_params, opt_state = owned_params_step(exit_optimizer, state.exit_params,
+                                               state.exit_opt_state, grads, axis_name)
     aux_tables = tuple(write(table, row_ids, z, axis_name)
                        for table, z in zip(state.aux_predictions, head_logits))
-    new_state = LSSKDState(main_table, aux_tables,
-                           optax.apply_updates(state.exit_params, updates), new_stats, opt_state)
+    new_state = LSSKDState(main_table, aux_tables, exit_params, new_stats, opt_state)
 
     metrics = {"lsskd_alpha": jnp.asarray(alpha, jnp.float32),
                "lsskd_aux_alpha": jnp.asarray(aux_alpha, jnp.float32),

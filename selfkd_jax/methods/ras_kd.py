@@ -11,6 +11,7 @@ from jax import lax
 
 from selfkd_jax import losses
 from selfkd_jax.methods.base import Method
+from selfkd_jax.methods.owned_params import owned_params_step
 
 PROTOTYPE_MODES = ("ema", "aux_weights")
 
@@ -211,11 +212,8 @@ def ras_kd(num_classes: int, feature_dim: int, *, epsilon: float = 0.1,
 
     (aux_loss, aux_logits), aux_grads = jax.value_and_grad(aux_loss_fn, has_aux=True)(
         state.aux_params)
-    if axis_name is not None:
-      aux_grads = lax.pmean(aux_grads, axis_name)
-    aux_updates, aux_opt_state = aux_optimizer.update(aux_grads, state.aux_opt_state,
-                                                      state.aux_params)
-    aux_params = optax.apply_updates(state.aux_params, aux_updates)
+    aux_params, aux_opt_state = owned_params_step(aux_optimizer, state.aux_params,
+                                                  state.aux_opt_state, aux_grads, axis_name)
 
     if instance_weight > 0.0:
       loss = loss + instance_weight * losses.distillation_kl(

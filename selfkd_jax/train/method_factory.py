@@ -60,6 +60,10 @@ class MethodContext:
   stage_shapes: tuple = ()
   model: Any = None
 
+  def head_optimizer(self) -> optax.GradientTransformation | None:
+    """A fresh run optimizer for a method-owned head or exits; None = the method's default."""
+    return self.make_optimizer() if self.make_optimizer else None
+
 
 def _cross_entropy(cfg, ctx):
   del cfg, ctx
@@ -107,7 +111,7 @@ def _ras_kd(cfg, ctx):
       relation_temperature=cfg.relation_temperature, momentum=cfg.momentum,
       prototypes=cfg.prototypes, instance_weight=cfg.instance_weight,
       temperature=cfg.temperature,
-      aux_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+      aux_optimizer=ctx.head_optimizer())
 
 
 def _reffakd_soft_labels(cfg, ctx):
@@ -161,7 +165,7 @@ def _aekt(cfg, ctx):
                       temperature=cfg.temperature, warmup_epochs=cfg.warmup_epochs,
                       weight_fn=cfg.weight_fn, max_weight=cfg.max_weight,
                       serialization_head=cfg.serialization_head,
-                      head_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+                      head_optimizer=ctx.head_optimizer())
 
 
 def _mrkd(cfg, ctx):
@@ -183,7 +187,7 @@ def _byot(cfg, ctx):
                       feature_weight=cfg.feature_weight, variant=cfg.variant,
                       feature_norm=cfg.feature_norm,
                       feature_exits=tuple(cfg.feature_exits) or None,
-                      exit_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+                      exit_optimizer=ctx.head_optimizer())
 
 
 def _lsskd(cfg, ctx):
@@ -195,7 +199,7 @@ def _lsskd(cfg, ctx):
                        temperature=cfg.temperature, aux_weight=cfg.aux_weight,
                        distill_weight=cfg.distill_weight, feature_weight=cfg.feature_weight,
                        main_pskd=cfg.main_pskd, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype],
-                       exit_optimizer=ctx.make_optimizer() if ctx.make_optimizer else None)
+                       exit_optimizer=ctx.head_optimizer())
 
 
 def _cskd(cfg, ctx):
