@@ -54,7 +54,6 @@ import numpy as np
 
 from selfkd_jax import models
 from selfkd_jax.methods import MrKDState, table_bytes
-from selfkd_jax.models.exits import stage_feature_shapes
 from selfkd_jax.train import default_config, method_factory, optim, parallel
 from selfkd_jax.train.loop import COMPUTE_DTYPES
 from selfkd_jax.train.state import initial_state_fn
@@ -83,9 +82,7 @@ class _Case:
     context = method_factory.MethodContext(
         num_examples=num_examples, num_classes=num_classes, num_epochs=config.num_epochs,
         steps_per_epoch=steps_per_epoch,
-        output_shapes=models.output_shapes(eval_model, image_shape),
-        variable_shapes=models.variable_shapes(eval_model, image_shape),
-        stage_shapes=tuple(stage_feature_shapes(eval_model, image_shape)), model=eval_model,
+        **method_factory.model_fields(eval_model, image_shape),
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, steps_per_epoch,
                                                     config.num_epochs)[0],
         # ReffAKD's cost does not depend on the matrix: time it with a stand-in.

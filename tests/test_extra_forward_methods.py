@@ -76,7 +76,6 @@ def test_resume_equals_uninterrupted_and_four_devices_equal_one(method, tmp_path
 def _one_step(method_name, num_devices):
   import optax
   from selfkd_jax import models
-  from selfkd_jax.models.exits import stage_feature_shapes
   from selfkd_jax.train import default_config, method_factory, parallel
   from selfkd_jax.train.state import initial_state_fn
   from selfkd_jax.train.step import Augmentation, make_train_step
@@ -86,9 +85,7 @@ def _one_step(method_name, num_devices):
   tx = optax.sgd(0.1, momentum=0.9)
   context = method_factory.MethodContext(
       num_examples=512, num_classes=10, num_epochs=1, steps_per_epoch=1,
-      output_shapes=models.output_shapes(eval_model, (28, 28, 1)),
-      variable_shapes=models.variable_shapes(eval_model, (28, 28, 1)),
-      stage_shapes=tuple(stage_feature_shapes(eval_model, (28, 28, 1))), model=eval_model)
+      **method_factory.model_fields(eval_model, (28, 28, 1)))
   method = method_factory.build_method(default_config.method_config(method_name), context)
   state = runner.init_state(initial_state_fn(model=eval_model, method=method, tx=tx,
                                              image_shape=(28, 28, 1), seed=0,

@@ -65,6 +65,7 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax.models import common
+from selfkd_jax.models.registry import abstract_model
 from selfkd_jax.models.resnet import BasicBlock, CifarResNet, PreActBlock, PreActResNet
 from selfkd_jax.models.wide_resnet import WideBasicBlock, WideResNet
 
@@ -387,11 +388,7 @@ def backbone_exit_kwargs(model: nn.Module) -> dict[str, Any]:
 def stage_feature_shapes(model: nn.Module, image_shape: Sequence[int]
                          ) -> tuple[jax.ShapeDtypeStruct, ...]:
   """The model's `outputs['stage_features']` for one image, as ShapeDtypeStructs (no compute)."""
-  def stages(x):
-    variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=False)
-    return model.apply(variables, x, train=False)['stage_features']
-  return tuple(jax.eval_shape(
-      stages, jax.ShapeDtypeStruct((1, *tuple(image_shape)), jnp.float32)))
+  return tuple(abstract_model(model, image_shape)[1]['stage_features'])
 
 
 def init_exits(exits: Exits, rng: jax.Array | None = None) -> dict[str, Any]:

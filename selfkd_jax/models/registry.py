@@ -1,5 +1,5 @@
 """Model names → constructors: `get_model('resnet18', num_classes=100)`."""
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -67,19 +67,32 @@ def model_from_config(model_config: Any, *, num_classes: int,
                    **dict(model_config.get('kwargs', {})))
 
 
+def abstract_model(model: nn.Module, image_shape: Sequence[int]) -> tuple[Any, dict[str, Any]]:
+  """`(variables, outputs)` of the model for one image, as ShapeDtypeStructs (no computation).
+
+  One abstract trace of `init` and an eval-mode `apply`. The variables are in the trainer's
+  layout: `{'params', 'batch_stats'}`, with an empty `batch_stats` for models without BatchNorm.
+  """
+  def init_and_apply(x):
+    variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=False)
+    variables = {'params': variables['params'],
+                 'batch_stats': variables.get('batch_stats', {})}
+    return variables, model.apply(variables, x, train=False)
+  return jax.eval_shape(init_and_apply,
+                        jax.ShapeDtypeStruct((1, *tuple(image_shape)), jnp.float32))
+
+
+def array_shapes(outputs: dict[str, Any]) -> dict[str, tuple]:
+  """The shapes of the array entries of an (abstract) outputs dict."""
+  return {key: tuple(value.shape) for key, value in outputs.items() if hasattr(value, 'shape')}
+
+
 def output_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> dict[str, tuple]:
   """Shapes of the model's array outputs for one image of `image_shape` (no computation)."""
-  def outputs(x):
-    variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=False)
-    return model.apply(variables, x, train=False)
-  shapes = jax.eval_shape(outputs, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
-  return {key: tuple(value.shape) for key, value in shapes.items() if hasattr(value, 'shape')}
+  return array_shapes(abstract_model(model, image_shape)[1])
 
 
 def variable_shapes(model: nn.Module, image_shape: tuple[int, ...]) -> Any:
   """The model's variables as ShapeDtypeStructs (no computation), in the trainer's layout:
   `{'params', 'batch_stats'}` with an empty `batch_stats` for models without BatchNorm."""
-  def init(x):
-    variables = model.init({'params': jax.random.PRNGKey(0)}, x, train=False)
-    return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  return jax.eval_shape(init, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+  return abstract_model(model, image_shape)[0]

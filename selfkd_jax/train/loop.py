@@ -26,10 +26,9 @@ from selfkd_jax.methods import table_bytes
 from selfkd_jax.metrics import calibration_bins, classification_metrics
 from selfkd_jax.train import config_check, optim, parallel, run_log, teacher as teacher_lib
 from selfkd_jax.train.checkpoint import Checkpointer
-from selfkd_jax.train.method_factory import (MethodContext, build_method, needs_network_teacher,
-                                             needs_partners)
+from selfkd_jax.train.method_factory import (MethodContext, build_method, model_fields,
+                                             needs_network_teacher, needs_partners)
 from selfkd_jax.train.state import initial_state_fn
-from selfkd_jax.models.exits import stage_feature_shapes
 from selfkd_jax.train.step import (EXIT_PREFIX, Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
 
@@ -113,14 +112,10 @@ class Experiment:
     context = MethodContext(
         num_examples=self.num_train, num_classes=self.num_classes,
         num_epochs=config.num_epochs, steps_per_epoch=self.steps_per_epoch,
-        output_shapes=models.output_shapes(self.eval_model, self.info.image_shape),
         make_optimizer=lambda: optim.make_optimizer(config.optimizer, self.steps_per_epoch,
                                                     config.num_epochs)[0],
         dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
-        log=_log_line,
-        variable_shapes=models.variable_shapes(self.eval_model, self.info.image_shape),
-        stage_shapes=tuple(stage_feature_shapes(self.eval_model, self.info.image_shape)),
-        model=self.eval_model)
+        log=_log_line, **model_fields(self.eval_model, self.info.image_shape))
     try:
       return build_method(config.method, context)
     except ValueError as e:  # a value the method's constructor refuses: a config error

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from selfkd_jax import methods
+from selfkd_jax import methods, models
 from selfkd_jax.models import exits as exits_lib
 
 STORAGE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -63,6 +63,14 @@ class MethodContext:
   def head_optimizer(self) -> optax.GradientTransformation | None:
     """A fresh run optimizer for a method-owned head or exits; None = the method's default."""
     return self.make_optimizer() if self.make_optimizer else None
+
+
+def model_fields(model, image_shape) -> dict[str, Any]:
+  """The `MethodContext` fields that describe `model` (its eval-mode module), from one abstract
+  trace: `MethodContext(..., **model_fields(eval_model, image_shape))`."""
+  variables, outputs = models.abstract_model(model, image_shape)
+  return {"output_shapes": models.array_shapes(outputs), "variable_shapes": variables,
+          "stage_shapes": tuple(outputs.get("stage_features", ())), "model": model}
 
 
 def _cross_entropy(cfg, ctx):
