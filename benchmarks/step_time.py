@@ -55,7 +55,6 @@ import numpy as np
 from selfkd_jax import models
 from selfkd_jax.methods import MrKDState, table_bytes
 from selfkd_jax.train import default_config, method_factory, optim, parallel
-from selfkd_jax.train.loop import COMPUTE_DTYPES
 from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import Augmentation, make_train_step
 
@@ -76,7 +75,8 @@ class _Case:
     config = default_config.base_config()
     steps_per_epoch = math.ceil(num_examples / batch_size)
     model = models.get_model(model_name, num_classes=num_classes,
-                             dtype=COMPUTE_DTYPES[dtype_name], bn_axis_name=parallel.AXIS)
+                             dtype=models.COMPUTE_DTYPES[dtype_name],
+                             bn_axis_name=parallel.AXIS)
     eval_model = model.clone(bn_axis_name=None)
     tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
     context = method_factory.MethodContext(
@@ -193,11 +193,11 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
   timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
   methods = list(dict.fromkeys(["ce", *methods]))
   unknown = ([m for m in methods if m not in method_factory.METHOD_NAMES]
-             + [d for d in dtypes if d not in COMPUTE_DTYPES])
+             + [d for d in dtypes if d not in models.COMPUTE_DTYPES])
   if unknown:
     raise ValueError(f"unknown {', '.join(unknown)}; methods: "
                      f"{', '.join(method_factory.METHOD_NAMES)}; dtypes: "
-                     f"{', '.join(COMPUTE_DTYPES)}")
+                     f"{', '.join(models.COMPUTE_DTYPES)}")
   image_shape = tuple(int(s) for s in image_shape)
   devices = jax.devices()
   devices = devices[:num_devices or len(devices)]
@@ -286,7 +286,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       help="rows of the per-example tables")
   parser.add_argument("--batch_size", type=int, default=128, help="global, over all devices")
   parser.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"],
-                      help=f"compute dtypes, from {', '.join(COMPUTE_DTYPES)}")
+                      help=f"compute dtypes, from {', '.join(models.COMPUTE_DTYPES)}")
   parser.add_argument("--steps", type=int, default=50, help="timed steps per method per round")
   parser.add_argument("--warmup", type=int, default=5, help="untimed steps after compiling")
   parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds over methods")

@@ -12,6 +12,7 @@ from selfkd_jax.methods.dkd import dkd
 from selfkd_jax.methods.kd import kd, label_teacher, network_teacher, tfkd_self
 from selfkd_jax.methods.lsskd import LSSKDState, lsskd
 from selfkd_jax.methods.mrkd import MrKDState, mrkd
+from selfkd_jax.methods.owned_params import owned_params_step
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
                                             pad_tables, partition_specs, scatter_rows,
                                             table_bytes)
@@ -22,9 +23,10 @@ from selfkd_jax.methods.virtual_teacher import lsrkd, tfkd_reg
 from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
-    "AEKTState", "ByotState", "byot", "EmptyState", "Method", "aekt", "cskd", "dkd", "network_teacher", "tfkd_self", "MethodHooks", "PSKDState", "PerExampleTable", "RASKDState",
-    "combine", "create_table", "cross_entropy", "gather_rows", "kd", "label_smoothing",
-    "label_teacher", "LSSKDState", "lsskd", "lsrkd", "MrKDState", "mrkd",
-    "pad_tables", "partition_specs", "pskd", "ras_kd", "reffakd", "scatter_rows",
-    "soft_label_teacher", "stateless_init", "table_bytes", "tfkd_reg", "zipf",
+    "aekt", "AEKTState", "byot", "ByotState", "combine", "create_table", "cross_entropy", "cskd",
+    "dkd", "EmptyState", "gather_rows", "kd", "label_smoothing", "label_teacher", "lsrkd", "lsskd",
+    "LSSKDState", "Method", "MethodHooks", "mrkd", "MrKDState", "network_teacher",
+    "owned_params_step", "pad_tables", "partition_specs", "PerExampleTable", "pskd", "PSKDState",
+    "ras_kd", "RASKDState", "reffakd", "scatter_rows", "soft_label_teacher", "stateless_init",
+    "table_bytes", "tfkd_reg", "tfkd_self", "zipf",
 ]

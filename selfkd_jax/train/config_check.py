@@ -16,7 +16,6 @@ from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
 from selfkd_jax.train.workdir_files import CONFIG_FILE, RESUMABLE_KEYS
 
 PARALLEL_MODES = ("shard_map", "pmap")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 UNBOUNDED_WEIGHTS = ("dkd", "aekt")
 
 
@@ -61,7 +60,7 @@ def _check_method(method) -> None:
 def check_config(config, num_devices: int) -> None:
   """Checks `config` on its own and against the device count. Raises ConfigError."""
   from selfkd_jax.data import DATASET_NAMES
-  from selfkd_jax.models import MODEL_NAMES
+  from selfkd_jax.models import COMPUTE_DTYPES, MODEL_NAMES
 
   for key in ("seed", "num_epochs", "batch_size"):
     if key not in config:

@@ -32,9 +32,6 @@ from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import (EXIT_PREFIX, Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
 
-COMPUTE_DTYPES = models.COMPUTE_DTYPES  # (benchmarks import it from here)
-
-
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
 

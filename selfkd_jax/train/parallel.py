@@ -157,20 +157,20 @@ class PmapRunner(ShardMapRunner):
 
     def convert(spec, x):
       if spec == PartitionSpec(AXIS):
-        shaped = jnp.reshape(x, (d, -1) + x.shape[1:])
-      else:
-        shaped = jnp.broadcast_to(x, (d,) + x.shape)
-      # pmap (built on shard_map since JAX 0.8) takes inputs already split on the leading axis.
-      return jax.device_put(shaped, self.batch_sharding)
+        # pmap (built on shard_map since JAX 0.8) takes inputs already split on the leading axis.
+        return jax.device_put(jnp.reshape(x, (d, -1) + x.shape[1:]), self.batch_sharding)
+      return self._replicate(x)
 
     return jax.tree.map(convert, specs, state,
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
+  def _replicate(self, x):
+    """A replicated leaf in pmap's layout: one copy per device on the leading axis."""
+    return jax.device_put(jnp.broadcast_to(x, (self.num_devices,) + jnp.shape(x)),
+                          self.batch_sharding)
+
   def put_frozen(self, tree):
-    d = self.num_devices
-    return jax.tree.map(
-        lambda x: jax.device_put(jnp.broadcast_to(x, (d,) + jnp.shape(x)), self.batch_sharding),
-        tree)
+    return jax.tree.map(self._replicate, tree)
 
   def metrics_to_host(self, metrics):
     return jax.tree.map(lambda x: x[0], jax.device_get(metrics))
