@@ -16,33 +16,24 @@ from selfkd_jax.data.augment import augment_batch
 from selfkd_jax.methods import kd, network_teacher
 from selfkd_jax.train import loop, teacher as teacher_lib
 from selfkd_jax.train.config_check import ConfigError
-from selfkd_jax.train.default_config import (fashion_mnist_recipe, method_config,
-                                             teacher_config)
+from selfkd_jax.train.default_config import method_config, teacher_config
 from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import Augmentation, make_train_step
 
-from test_train import final_state
+from test_train import final_state, tiny_config
 
 
-def tiny(config):
-  config.num_epochs = 1
-  config.batch_size = 64
-  config.data.limit_train = 512
-  config.progress_bar = False
-  config.log_every_steps = 4
-  config.eval_batch_size = 1000
-  config.optimizer.learning_rate = 0.01
+def tiny(method_name, **method_values):
+  """test_train's tiny run (512 images, batch 64), one epoch at lr 0.01, with this method."""
+  config = tiny_config(num_epochs=1, **{"optimizer.learning_rate": 0.01})
+  config.method = method_config(method_name, **method_values)
   return config
 
 
 def student_config(teacher_dir, method="kd", **overrides):
-  config = tiny(fashion_mnist_recipe())
-  config.method = method_config(method, **({"teacher": "checkpoint"} if method != "tfkd_self"
-                                           else {}))
-  teacher = tiny(fashion_mnist_recipe())
-  teacher.method = method_config("ce")
+  config = tiny(method, **({"teacher": "checkpoint"} if method != "tfkd_self" else {}))
   config.teacher = teacher_config("configs/fashion_mnist/ce.py", workdir=str(teacher_dir))
-  config.teacher.config = teacher
+  config.teacher.config = tiny("ce")
   for key, value in overrides.items():
     config[key] = value
   return config
