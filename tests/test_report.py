@@ -257,6 +257,23 @@ def test_other_keys_split_groups_and_show_in_labels(tmp_path, capsys):
       "ce (num_epochs=3)", "ce (num_epochs=30)", "pskd (num_epochs=30)"]
 
 
+def test_teacher_labels_only_within_the_method(tmp_path, capsys):
+  # A nested teacher run config is one key (source#digest); `ce` lacks it and shows nothing,
+  # and kd's `method.teacher` keeps its prefix because `teacher` is shown beside it.
+  teacher = {"source": "configs/fashion_mnist/ce.py", "config": {"num_epochs": 3}}
+  make_run(tmp_path / "ce", seed=0, top1=0.9)
+  make_run(tmp_path / "kd_ckpt", seed=0, top1=0.9, teacher=teacher,
+           method={"name": "kd", "teacher": "checkpoint"})
+  make_run(tmp_path / "kd_reff", seed=0, top1=0.9, method={"name": "kd", "teacher": "reffakd"})
+  make_run(tmp_path / "dkd", seed=0, top1=0.9, teacher=teacher, method={"name": "dkd"})
+  assert run_report(capsys, tmp_path, "--out", tmp_path / "out")[0] == 0
+  labels = list(read_csv(tmp_path / "out" / "report.csv"))
+  digest = next(label for label in labels if "#" in label).split("#")[1][:8]
+  assert labels == ["ce", "dkd", "kd (method.teacher=reffakd)",
+                    f"kd (teacher=configs/fashion_mnist/ce.py#{digest}, "
+                    f"method.teacher=checkpoint)"]
+
+
 def test_ignored_keys_are_the_trainers_resumable_keys():
   from selfkd_jax.train import config_check
   assert set(groups.IGNORED_KEYS) == {"seed", *config_check.RESUMABLE_KEYS}

@@ -22,6 +22,11 @@ A method is a `Method(init, update, refresh)` of pure functions:
 the training data at the end of an epoch (PS-KD's `refresh='epoch_end_eval'`) sets it to
 `refresh(state, outputs, batch, *, axis_name=None) -> state`, called with eval-mode,
 un-augmented outputs for every training batch.
+
+`owned` is `None` for most methods. A method that trains parameters of its own on the same loss
+as the model (BYOT's and LSSKD's exits) sets it to an `OwnedParams`, so a caller can
+differentiate the loss with respect to the model's and the method's parameters in one backward
+pass instead of letting `update` run the exits a second time for their own gradient.
 """
 
 from __future__ import annotations
@@ -73,11 +78,47 @@ class MethodHooks(NamedTuple):
       snapshot, a teacher).
     teacher: `teacher(images) -> outputs` runs a frozen teacher network in eval mode (no
       gradient); `None` when the run has no network teacher.
+    owned_differentiated: `True` when the caller differentiates the loss with respect to
+      `method.owned.get(state)` along with the model's parameters and then calls
+      `method.owned.apply_gradients` (see `OwnedParams`); `update` then computes the loss with
+      one pass of its exits and leaves their optimizer step to the caller. `False` (default):
+      `update` takes that step itself.
   """
   forward: Callable[..., Outputs] | None = None
   variables: PyTree | None = None
   images: jax.Array | None = None
   teacher: Callable[[jax.Array], Outputs] | None = None
+  owned_differentiated: bool = False
+
+
+class OwnedParams(NamedTuple):
+  """The parameters a method trains itself, exposed so a caller can differentiate them.
+
+  The gradient of the per-example loss mean with respect to them is what the method's own step
+  would use (nothing but the method's loss terms depends on them). A caller that wants one
+  backward pass for model and method:
+
+      owned = method.owned.get(state)
+      def loss_fn(params, owned):
+        outputs = model.apply(params, x)
+        loss, new_state, metrics = method.update(
+            method.owned.put(state, owned), outputs, batch, step=step, epoch=epoch,
+            hooks=MethodHooks(owned_differentiated=True))
+        return loss.mean(), new_state
+      (_, new_state), (grads, owned_grads) = jax.value_and_grad(
+          loss_fn, argnums=(0, 1), has_aux=True)(params, owned)
+      new_state = method.owned.apply_gradients(new_state, owned_grads)
+
+  Attributes:
+    get: `get(state) -> params`, the method's trainable parameters.
+    put: `put(state, params) -> state` with those parameters replaced.
+    apply_gradients: `apply_gradients(state, grads) -> state`, one optimizer step of the
+      parameters given the gradient of the global-batch mean loss (already averaged over
+      devices).
+  """
+  get: Callable[[PyTree], PyTree]
+  put: Callable[[PyTree, PyTree], PyTree]
+  apply_gradients: Callable[[PyTree, PyTree], PyTree]
 
 
 class Method(NamedTuple):
@@ -92,12 +133,16 @@ class Method(NamedTuple):
   on the returned images, whose first B rows must be the batch itself, so `outputs` passed to
   `update` have R·B rows while `batch` keeps B; training accuracy is read from the first B.
   `None` = the batch as it is.
+
+  `owned`: the parameters the method trains itself, for a caller that differentiates them with
+  the model's (`OwnedParams`); `None` when it has none or trains them apart from the model's loss.
   """
   init: InitFn
   update: UpdateFn
   refresh: Callable[..., PyTree] | None = None
   exit_logits: Callable[..., dict[str, jax.Array]] | None = None
   train_inputs: Callable[[jax.Array], jax.Array] | None = None
+  owned: OwnedParams | None = None
 
 
 class EmptyState(NamedTuple):

@@ -11,7 +11,7 @@ from jax import lax
 
 from selfkd_jax import losses
 from selfkd_jax.methods.base import Method
-from selfkd_jax.methods.owned_params import owned_params_step
+from selfkd_jax.methods.owned_params import owned_exits, owned_params_step
 
 VARIANTS = ("journal", "conference")
 FEATURE_NORMS = ("example", "batch")
@@ -103,17 +103,21 @@ def byot(exits: Any, *, alpha: float = 0.3, temperature: float = 3.0,
       deepest-first list, although its comment says "the shallowest"): `feature_exits=(1, 2)`
       on a 4-stage ResNet reproduces it.
     - The exits are not part of the model: their variables live in this method's state and
-      they are trained here with `exit_optimizer` (default `optax.sgd(0.1, momentum=0.9)`;
-      the trainer passes one built from the run's optimizer config). Their gradient is that
-      of the mean exit loss on stop-gradient stage features — the same gradient the exits
-      get from the full loss, since nothing else depends on them — averaged over devices
+      they are trained with `exit_optimizer` (default `optax.sgd(0.1, momentum=0.9)`; the
+      trainer passes one built from the run's optimizer config) on the gradient of the mean
+      loss — the exits' terms, since nothing else depends on them — averaged over devices
       with `pmean`. The returned loss applies the exits with their current parameters, so
       the backbone's gradient is the official one. Evaluation and export use the backbone
       alone with exactly its parameter count; `exit_logits` reports every exit's accuracy.
+    - Who differentiates the exits: by default `update` takes their step itself, from a
+      second pass of the exits on stop-gradient stage features. The trainer instead
+      differentiates the loss with respect to backbone and exits together (`Method.owned`,
+      `hooks.owned_differentiated`): one pass of the exits, the same gradient, the step
+      taken after the backward pass.
     - The exits run in train mode in `update` (batch statistics of the global batch when
       `axis_name` is given); their running statistics are kept in the state and used by
-      `exit_logits` (eval mode). Both passes of the exits in `update` (the loss pass and the
-      exit step's pass) see the same inputs; the state keeps the step pass's statistics.
+      `exit_logits` (eval mode). Both passes of the exits (when there are two) see the same
+      inputs and give the same statistics.
 
   Args:
     exits: the exits (`models.exits.make_exits('byot', ...)`, an unbound `Exits`; this module
@@ -196,7 +200,7 @@ def byot(exits: Any, *, alpha: float = 0.3, temperature: float = 3.0,
     return per_example, aux
 
   def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, hooks
+    del step, epoch
     for key in ("logits", "features", "stage_features"):
       if key not in outputs:
         raise ValueError(f"byot: needs outputs[{key!r}]")
@@ -210,22 +214,26 @@ def byot(exits: Any, *, alpha: float = 0.3, temperature: float = 3.0,
                        f"built for feature_dim={exits.feature_dim}")
 
     # The backbone's loss: the exits with their current parameters, stage features live.
-    exit_terms, _ = exit_losses(state.exit_params, state.exit_batch_stats, stage_features,
-                                teacher_probs, teacher_features, labels, axis_name)
+    exit_terms, aux = exit_losses(state.exit_params, state.exit_batch_stats, stage_features,
+                                  teacher_probs, teacher_features, labels, axis_name)
     loss = losses.cross_entropy(logits, labels) + exit_terms
 
-    # The exits' own step: the same terms on stop-gradient stage features.
-    def step_loss(params):
-      per_example, aux = exit_losses(params, state.exit_batch_stats,
-                                     lax.stop_gradient(stage_features), teacher_probs,
-                                     teacher_features, labels, axis_name)
-      return jnp.mean(per_example), aux
+    if hooks is not None and hooks.owned_differentiated:
+      # The caller differentiates the exits with the backbone and steps them (`owned`).
+      new_state = state._replace(exit_batch_stats=aux["batch_stats"])
+    else:
+      # The exits' own step: the same terms on stop-gradient stage features.
+      def step_loss(params):
+        per_example, step_aux = exit_losses(params, state.exit_batch_stats,
+                                            lax.stop_gradient(stage_features), teacher_probs,
+                                            teacher_features, labels, axis_name)
+        return jnp.mean(per_example), step_aux
 
-    grads, aux = jax.grad(step_loss, has_aux=True)(state.exit_params)
-    exit_params, opt_state = owned_params_step(exit_optimizer, state.exit_params,
-                                               state.exit_opt_state, grads, axis_name)
-    new_state = ByotState(exit_params, aux["batch_stats"], opt_state)
-    metrics = {f"byot_{name}_accuracy": _accuracy(z, labels)
+      grads, aux = jax.grad(step_loss, has_aux=True)(state.exit_params)
+      exit_params, opt_state = owned_params_step(exit_optimizer, state.exit_params,
+                                                 state.exit_opt_state, grads, axis_name)
+      new_state = ByotState(exit_params, aux["batch_stats"], opt_state)
+    metrics = {f"byot_{name}_accuracy": _accuracy(lax.stop_gradient(z), labels)
                for name, z in zip(names, aux["logits"])}
     metrics.update(byot_exit_ce=aux["ce"], byot_distill=aux["distill"],
                    byot_feature_loss=aux["feature"])
@@ -236,4 +244,4 @@ def byot(exits: Any, *, alpha: float = 0.3, temperature: float = 3.0,
                             tuple(outputs["stage_features"]), train=False)
     return dict(zip(names, logits))
 
-  return Method(init, update, exit_logits=exit_logits)
+  return Method(init, update, exit_logits=exit_logits, owned=owned_exits(exit_optimizer))

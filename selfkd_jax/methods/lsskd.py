@@ -11,7 +11,7 @@ from jax import lax
 
 from selfkd_jax import losses
 from selfkd_jax.methods.base import Method
-from selfkd_jax.methods.owned_params import owned_params_step
+from selfkd_jax.methods.owned_params import owned_exits, owned_params_step
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
                                             scatter_rows)
 
@@ -175,11 +175,12 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
     - The feature term is on every head and every rotation, unsquared L2 per example (BYOT
       journal), with each head's linear adapter.
     - The heads are owned by the method, as `methods.byot`: their variables live in the state
-      and they are trained here with `exit_optimizer` (default `optax.sgd(0.1,
-      momentum=0.9)`) on the gradient of the mean loss with stop-gradient stage features
-      (averaged over devices with `pmean`); the returned loss applies them with their
-      current parameters, so the backbone gets the heads' gradients through its stage
-      features. They run in train mode (BatchNorm over all 4·B rows of the global batch when
+      and they are trained with `exit_optimizer` (default `optax.sgd(0.1, momentum=0.9)`) on
+      the gradient of the mean loss (averaged over devices with `pmean`); the returned loss
+      applies them with their current parameters, so the backbone gets the heads' gradients
+      through its stage features. By default `update` steps them itself from a second pass
+      on stop-gradient stage features; the trainer differentiates backbone and heads in one
+      backward pass instead (`Method.owned`, `hooks.owned_differentiated`). They run in train mode (BatchNorm over all 4·B rows of the global batch when
       `axis_name` is given). The tables store the loss pass's predictions (before the heads'
       step), as PS-KD stores the prediction of the step's forward pass.
     - Evaluation: `exit_logits` gives each head's class logits for rotation 0, i.e. its joint
@@ -283,7 +284,7 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
     return per_row, (logits, updates["batch_stats"], terms)
 
   def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, hooks
+    del step
     for key in ("logits", "features", "stage_features"):
       if key not in outputs:
         raise ValueError(f"lsskd: needs outputs[{key!r}]")
@@ -319,21 +320,27 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
                                  axis_name) for table in state.aux_predictions)
 
     # The backbone's loss: the heads with their current parameters, stage features live.
-    per_row, (head_logits, _, terms) = head_losses(
+    per_row, (head_logits, new_stats, terms) = head_losses(
         state.exit_params, state.exit_batch_stats, stage_features, final_features, targets,
         axis_name)
     aux_loss = jnp.mean(per_row.reshape(ROTATIONS, batch_size), axis=0)
     loss = main_loss + aux_loss
+    head_logits = tuple(lax.stop_gradient(z) for z in head_logits)
+    terms = jax.tree.map(lax.stop_gradient, terms)
 
-    # The heads' own step: the same terms on stop-gradient stage features.
-    def step_loss(params):
-      rows, aux = head_losses(params, state.exit_batch_stats, lax.stop_gradient(stage_features),
-                              final_features, targets, axis_name)
-      return jnp.mean(rows), aux
+    exit_params, opt_state = state.exit_params, state.exit_opt_state
+    if not (hooks is not None and hooks.owned_differentiated):
+      # The heads' own step: the same terms on stop-gradient stage features. (Otherwise the
+      # caller differentiates the heads with the backbone and steps them: `owned`.)
+      def step_loss(params):
+        rows, aux = head_losses(params, state.exit_batch_stats,
+                                lax.stop_gradient(stage_features), final_features, targets,
+                                axis_name)
+        return jnp.mean(rows), aux
 
-    grads, (_, new_stats, _) = jax.grad(step_loss, has_aux=True)(state.exit_params)
-    exit_params, opt_state = owned_params_step(exit_optimizer, state.exit_params,
-                                               state.exit_opt_state, grads, axis_name)
+      grads, (_, new_stats, _) = jax.grad(step_loss, has_aux=True)(state.exit_params)
+      exit_params, opt_state = owned_params_step(exit_optimizer, state.exit_params,
+                                                 state.exit_opt_state, grads, axis_name)
     aux_tables = tuple(write(table, row_ids, z, axis_name)
                        for table, z in zip(state.aux_predictions, head_logits))
     new_state = LSSKDState(main_table, aux_tables, exit_params, new_stats, opt_state)
@@ -354,4 +361,5 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
                             tuple(outputs["stage_features"]), train=False)
     return {name: z[:, 0::ROTATIONS] for name, z in zip(names, logits)}
 
-  return Method(init, update, exit_logits=exit_logits, train_inputs=rotate_batch)
+  return Method(init, update, exit_logits=exit_logits, train_inputs=rotate_batch,
+                owned=owned_exits(exit_optimizer))

@@ -7,6 +7,8 @@ from typing import Any
 import optax
 from jax import lax
 
+from selfkd_jax.methods.base import OwnedParams
+
 
 def owned_params_step(optimizer: optax.GradientTransformation, params: Any, opt_state: Any,
                       grads: Any, axis_name: str | None = None) -> tuple[Any, Any]:
@@ -20,3 +22,16 @@ def owned_params_step(optimizer: optax.GradientTransformation, params: Any, opt_
     grads = lax.pmean(grads, axis_name)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
+
+
+def owned_exits(optimizer: optax.GradientTransformation) -> OwnedParams:
+  """`OwnedParams` over a state with `exit_params` and `exit_opt_state` fields (BYOT, LSSKD)."""
+
+  def apply_gradients(state, grads):
+    params, opt_state = owned_params_step(optimizer, state.exit_params, state.exit_opt_state,
+                                          grads)
+    return state._replace(exit_params=params, exit_opt_state=opt_state)
+
+  return OwnedParams(get=lambda state: state.exit_params,
+                     put=lambda state, params: state._replace(exit_params=params),
+                     apply_gradients=apply_gradients)

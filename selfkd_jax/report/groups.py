@@ -94,22 +94,31 @@ def _differing(groups: Sequence[Group]) -> set[str]:
   return {k for k in keys if len({g.config.get(k, _ABSENT) for g in groups}) > 1}
 
 
+def _method_scoped(key: str) -> bool:
+  """Keys that describe the method: its own settings, and the teacher run it distills from."""
+  return key.startswith("method.") or key == "teacher"
+
+
 def _label(groups: Sequence[Group]) -> None:
   """Sets `label` and `distinguishing` on every group.
 
-  Shown: keys outside `method.` that differ anywhere (e.g. `num_epochs`), and `method.` keys that
-  differ between groups of the same method (e.g. `alpha_T`). A method's own keys that merely
-  differ from another method's are not shown: `pskd` needs no `alpha_T=0.8` beside `ce`.
+  Shown: keys outside the method that differ anywhere (e.g. `num_epochs`), and method-scoped
+  keys (`method.*`, `teacher`) that differ between groups of the same method (e.g. `alpha_T`).
+  A method's own keys that merely differ from another method's are not shown: `pskd` needs no
+  `alpha_T=0.8` beside `ce`, and `ce` no `teacher=—` beside `kd`. A key the group lacks is left
+  out of its label (the configuration section still lists it as —). `method.` is dropped from
+  a name unless that would collide with another shown key (`method.teacher` beside `teacher`).
   """
-  shared = {k for k in _differing(groups) if not k.startswith("method.")}
+  shared = {k for k in _differing(groups) if not _method_scoped(k)}
   for group in groups:
     same_method = [g for g in groups if g.method == group.method]
-    own = {k for k in _differing(same_method) if k.startswith("method.")}
+    own = {k for k in _differing(same_method) if _method_scoped(k)}
     keys = sorted(shared | own, key=lambda k: (k.startswith("method."), k))
     keys = [k for k in keys if k != "method.name"]
     group.distinguishing = {k: group.config.get(k, _ABSENT) for k in keys}
-    shown = ", ".join(f"{k.removeprefix('method.')}={_plain(v)}"
-                      for k, v in group.distinguishing.items())
+    short = [k.removeprefix("method.") for k in keys]
+    names = {k: k if k != s and short.count(s) > 1 else s for k, s in zip(keys, short)}
+    shown = ", ".join(f"{names[k]}={_plain(group.config[k])}" for k in keys if k in group.config)
     group.label = f"{group.method} ({shown})" if shown else group.method
 
 

@@ -90,25 +90,37 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
     # LSSKD trains on four rotations of every image: the model sees them, the method knows.
     model_images = images if method.train_inputs is None else method.train_inputs(images)
 
-    def loss_fn(params):
+    # Parameters the method trains itself (BYOT's exits) are differentiated with the model's:
+    # one backward pass, then the method's own optimizer step on their averaged gradient.
+    owned = method.owned
+    owned_params = () if owned is None else owned.get(state.method_state)
+
+    def loss_fn(params, owned_params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       outputs, model_updates = model.apply(variables, model_images, train=True,
                                            mutable=["batch_stats"],
                                            rngs={"dropout": dropout_rng})
-      hooks = MethodHooks(forward=forward, variables=variables, images=images, teacher=teacher)
+      method_state = (state.method_state if owned is None
+                      else owned.put(state.method_state, owned_params))
+      hooks = MethodHooks(forward=forward, variables=variables, images=images, teacher=teacher,
+                          owned_differentiated=owned is not None)
       per_example, method_state, method_metrics = method.update(
-          state.method_state, outputs, batch, step=state.step, epoch=epoch,
+          method_state, outputs, batch, step=state.step, epoch=epoch,
           axis_name=axis_name, hooks=hooks)
       # All devices hold equal batch slices, so the mean of local means is the global mean.
       loss = jnp.mean(per_example)
       aux = (outputs, model_updates.get("batch_stats", {}), method_state, method_metrics)
       return loss, aux
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, aux), (grads, owned_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1),
+                                                           has_aux=True)(state.params,
+                                                                         owned_params)
     outputs, batch_stats, method_state, method_metrics = aux
-    grads = _pmean(grads, axis_name)
+    grads, owned_grads = _pmean((grads, owned_grads), axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if owned is not None:
+      method_state = owned.apply_gradients(method_state, owned_grads)
     batch_size = batch["label"].shape[0]
     accuracy = jnp.mean(jnp.argmax(outputs["logits"][:batch_size], -1) == batch["label"])
     metrics = {"loss": loss, "accuracy": accuracy.astype(jnp.float32),
