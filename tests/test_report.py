@@ -274,6 +274,29 @@ def test_teacher_labels_only_within_the_method(tmp_path, capsys):
                     f"method.teacher=checkpoint)"]
 
 
+def test_exit_accuracies_get_their_own_table(tmp_path, capsys):
+  exits = [{"exit1": 0.70, "exit2": 0.80, "ensemble": 0.85},
+           {"exit1": 0.72, "exit2": 0.80, "ensemble": 0.87}]
+  for seed, exit_top1 in enumerate(exits):
+    path = tmp_path / "byot" / f"seed{seed}"
+    make_run(path, seed=seed, method={"name": "byot"}, top1=0.9)
+    results = json.loads((path / "results.json").read_text())
+    (path / "results.json").write_text(json.dumps(dict(results, test_exit_top1=exit_top1)))
+  make_run(tmp_path / "ce", seed=0, top1=0.9)
+  assert run_report(capsys, tmp_path, "--out", tmp_path / "out")[0] == 0
+  rows = read_csv(tmp_path / "out" / "report.csv")
+  assert rows["ce"]["exit_top1"] == ""
+  byot_exits = json.loads(rows["byot"]["exit_top1"])
+  assert list(byot_exits) == ["exit1", "exit2", "ensemble"]
+  np.testing.assert_allclose(byot_exits["exit1"], [0.71, np.sqrt(2) * 0.01])
+  np.testing.assert_allclose(byot_exits["exit2"][0], 0.80)
+  markdown = (tmp_path / "out" / "report.md").read_text()
+  table = markdown.split("## Auxiliary exits")[1].split("\n\n## ")[0]
+  assert "| method | n | exit1 | exit2 | ensemble |" in table
+  assert "| byot | 2 | 71.00 ± 1.41 | 80.00 ± 0.00 | 86.00 ± 1.41 |" in table
+  assert "| ce |" not in table
+
+
 def test_ignored_keys_are_the_trainers_resumable_keys():
   from selfkd_jax.train import config_check
   assert set(groups.IGNORED_KEYS) == {"seed", *config_check.RESUMABLE_KEYS}

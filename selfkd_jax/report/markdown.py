@@ -67,6 +67,13 @@ def document(*, dataset: str, sources: Sequence[str], groups: Sequence[Group],
               f"from `{benchmark_path}` (same model and compute dtype; the run's batch size "
               "when timed). It is measured with the method's default settings and leaves out "
               "per-epoch work such as evaluation or a refresh pass. Blank: not benchmarked.", ""]
+  exits = tables.exits_table(rows)
+  if exits:
+    lines += ["## Auxiliary exits (test top-1 %, last epoch)", "",
+              "Methods that train exits of their own (BYOT, LSSKD) report each exit, shallowest "
+              "first, and the ensemble: the mean of the logits of every exit and the model's "
+              "own classifier. The model's own top-1 is the main table's. The exits are not part "
+              "of the evaluated or exported model.", "", exits, ""]
   lines += _config_section(groups)
   if unfinished:
     lines += ["## Unfinished runs", "",

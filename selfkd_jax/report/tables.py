@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 import statistics
 from typing import Any, Sequence
@@ -40,7 +41,8 @@ METRICS = (
 )
 CSV_COLUMNS = (["group", "method", "model", "dataset", "config", "n", "seeds"]
                + [f"{m.name}_{s}" for m in METRICS for s in ("mean", "std")]
-               + ["step_time_ratio_to_ce", "step_time_benchmark"])
+               + ["step_time_ratio_to_ce", "step_time_benchmark", "exit_top1"])
+ENSEMBLE = "ensemble"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -50,6 +52,17 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return None, None
   mean = math.fsum(values) / len(values)
   return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def exit_stats(group: Group) -> dict[str, tuple[float | None, float | None]]:
+  """{exit name: (mean, std)} of the last-epoch test top-1 of every auxiliary exit (BYOT,
+  LSSKD), shallowest first and the ensemble last; empty for methods without exits."""
+  per_exit: dict[str, list[float]] = {}
+  for run in group.runs:
+    for name, value in (run.results.get("test_exit_top1") or {}).items():
+      per_exit.setdefault(name, []).append(value)
+  names = sorted(per_exit, key=lambda name: name == ENSEMBLE)  # stable: keeps exit order
+  return {name: mean_std(per_exit[name]) for name in names}
 
 
 def summarize(group: Group, records: list[dict] | None) -> dict[str, Any]:
@@ -73,6 +86,7 @@ def summarize(group: Group, records: list[dict] | None) -> dict[str, Any]:
                                  batch_size=group.get("batch_size"))
   row["step_time_ratio_to_ce"] = record["ratio_to_ce"] if record else None
   row["step_time_benchmark"] = benchmark_lib.describe(record) if record else None
+  row["exit_top1"] = exit_stats(group) or None
   return row
 
 
@@ -82,7 +96,13 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
     writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     for row in rows:
-      writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
+      writer.writerow({k: _csv_value(row.get(k)) for k in CSV_COLUMNS})
+
+
+def _csv_value(value) -> Any:
+  if value is None:
+    return ""
+  return json.dumps(value) if isinstance(value, dict) else value
 
 
 def _cell(mean, std, scale: float, digits: int) -> str:
@@ -109,6 +129,21 @@ def results_table(rows: Sequence[dict], with_ratio: bool) -> str:
     if with_ratio:
       ratio = row["step_time_ratio_to_ce"]
       cells.append("" if ratio is None else f"{ratio:.3f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def exits_table(rows: Sequence[dict]) -> str | None:
+  """Test top-1 (%) of every auxiliary exit and of the ensemble, for groups that have exits."""
+  rows = [row for row in rows if row.get("exit_top1")]
+  if not rows:
+    return None
+  names = sorted({name for row in rows for name in row["exit_top1"]},
+                 key=lambda name: (name == ENSEMBLE, len(name), name))  # exit2 before exit10
+  lines = ["| method | n | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 2)]
+  for row in rows:
+    cells = [_escape(row["group"]), str(row["n"])]
+    cells += [_cell(*row["exit_top1"].get(name, (None, None)), 100, 2) for name in names]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
