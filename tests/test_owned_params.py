@@ -91,3 +91,22 @@ def test_caller_differentiated_exits_match_the_methods_own_step(name):
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     state = state_a
+
+
+def test_combine_forwards_exits_and_weights_their_gradient():
+  from selfkd_jax.methods import combine, label_smoothing
+  _, method, outputs, batch = _build("byot")
+  combined = combine([1.0, 0.5], label_smoothing(0.1), method)
+  state = combined.init(jax.random.PRNGKey(1))
+  _, _, own = jax.jit(_own_step, static_argnums=0)(method, state[1], outputs, batch, 0)
+  _, _, joint = jax.jit(_caller_step, static_argnums=0)(combined, state, outputs, batch, 0)
+  # First sgd(0.1, momentum 0.9) step: the move is -0.1 × gradient, and the combined loss
+  # carries BYOT at weight 0.5, so its exits move half as far as on BYOT's own loss.
+  own_move = jax.tree.map(lambda a, b: a - b, own.exit_params, state[1].exit_params)
+  joint_move = jax.tree.map(lambda a, b: a - b, joint[1].exit_params, state[1].exit_params)
+  for a, b in zip(jax.tree.leaves(own_move), jax.tree.leaves(joint_move)):
+    np.testing.assert_allclose(b, 0.5 * a, rtol=1e-4, atol=1e-7)
+  logits = combined.exit_logits(joint, {"stage_features": outputs["stage_features"]})
+  assert list(logits) == ["exit1"] and logits["exit1"].shape == (B, C)
+  with pytest.raises(ValueError, match="train_inputs"):
+    combine([1.0, 1.0], label_smoothing(0.1), _build("lsskd")[1])
