@@ -233,7 +233,7 @@ def byot(exits: Any, *, alpha: float = 0.3, temperature: float = 3.0,
       exit_params, opt_state = owned_params_step(exit_optimizer, state.exit_params,
                                                  state.exit_opt_state, grads, axis_name)
       new_state = ByotState(exit_params, aux["batch_stats"], opt_state)
-    metrics = {f"byot_{name}_accuracy": _accuracy(lax.stop_gradient(z), labels)
+    metrics = {f"byot_{name}_accuracy": _accuracy(z, labels)
                for name, z in zip(names, aux["logits"])}
     metrics.update(byot_exit_ce=aux["ce"], byot_distill=aux["distill"],
                    byot_feature_loss=aux["feature"])

@@ -325,8 +325,6 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
         axis_name)
     aux_loss = jnp.mean(per_row.reshape(ROTATIONS, batch_size), axis=0)
     loss = main_loss + aux_loss
-    head_logits = tuple(lax.stop_gradient(z) for z in head_logits)
-    terms = jax.tree.map(lax.stop_gradient, terms)
 
     exit_params, opt_state = state.exit_params, state.exit_opt_state
     if not (hooks is not None and hooks.owned_differentiated):
