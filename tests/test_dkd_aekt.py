@@ -11,14 +11,10 @@ from selfkd_jax.methods.dkd import warmup_factor
 
 STUDENT = np.array([[1.0, 0.0, -1.0, 0.5], [0.5, 2.0, 0.1, -0.3], [0.0, 0.2, 3.0, 1.0]],
                    np.float32)
+from numpy_reference import softmax
 TEACHER = np.array([[2.0, 0.5, -1.0, 0.0], [0.0, 3.0, 0.5, 0.2], [1.0, 0.0, 0.5, 2.5]],
                    np.float32)
 LABELS = np.array([0, 1, 3], np.int32)
-
-
-def _softmax(z):
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
 
 
 def _kl(p, q):
@@ -27,7 +23,7 @@ def _kl(p, q):
 
 def _tckd_nckd(student, teacher, labels, t):
   """numpy DKD terms (each times T^2), from the paper's definitions."""
-  ps, pt = _softmax(student / t), _softmax(teacher / t)
+  ps, pt = softmax(student / t), softmax(teacher / t)
   rows = np.arange(len(labels))
   bs = np.stack([ps[rows, labels], 1 - ps[rows, labels]], -1)
   bt = np.stack([pt[rows, labels], 1 - pt[rows, labels]], -1)
@@ -40,7 +36,7 @@ def _tckd_nckd(student, teacher, labels, t):
 
 
 def _ce(z, labels):
-  return -np.log(_softmax(z)[np.arange(len(labels)), labels])
+  return -np.log(softmax(z)[np.arange(len(labels)), labels])
 
 
 def _teacher(outputs, batch, hooks):
@@ -80,7 +76,7 @@ def test_aekt_without_head_and_constant_weight_is_dkd():
 
 def test_aekt_adaptive_weight_is_the_clipped_target_probability_ratio():
   t = 4.0
-  ps, pt = _softmax(STUDENT / t), _softmax(TEACHER / t)
+  ps, pt = softmax(STUDENT / t), softmax(TEACHER / t)
   rows = np.arange(3)
   weight = np.clip(pt[rows, LABELS] / ps[rows, LABELS], 0, 1.16)
   assert weight.min() < 1.16 and weight.max() == pytest.approx(1.16)  # both regimes are exercised
@@ -120,7 +116,7 @@ def test_aekt_head_gets_the_distillation_and_ce_stays_on_the_classifier():
 @pytest.mark.parametrize("variant,weight", [("faithful", 0.8 * 50 / 4), ("paper", 0.8)])
 def test_tfkd_self_weights_the_tempered_kl(variant, weight):
   t = 3.0
-  kl = t * t * _kl(_softmax(TEACHER / t), _softmax(STUDENT / t))
+  kl = t * t * _kl(softmax(TEACHER / t), softmax(STUDENT / t))
   expected = 0.2 * _ce(STUDENT, LABELS) + weight * kl
   method = methods.tfkd_self(_teacher, alpha=0.8, temperature=t, multiplier=50.0,
                              variant=variant)

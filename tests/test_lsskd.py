@@ -15,6 +15,7 @@ from selfkd_jax import methods
 from selfkd_jax.methods.lsskd import (LSSKDState, joint_labels, joint_row_ids, lsskd,
                                       lsskd_aux_terms, rotate_batch)
 from selfkd_jax.models.exits import make_exits
+from numpy_reference import log_softmax, softmax
 
 B, C, D, N, E = 8, 3, 6, 18, 4
 R = 4
@@ -37,18 +38,8 @@ def _per_device(x, devices):
   return np.concatenate(blocks, axis=0)
 
 
-def _log_softmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _softmax(z):
-  return np.exp(_log_softmax(z))
-
-
 def _kl(teacher_logits, student_logits, t):
-  lp, lq = _log_softmax(teacher_logits / t), _log_softmax(student_logits / t)
+  lp, lq = log_softmax(teacher_logits / t), log_softmax(student_logits / t)
   return t * t * (np.exp(lp) * (lp - lq)).sum(-1)
 
 
@@ -87,7 +78,7 @@ def test_aux_terms_match_numpy_and_stop_the_teacher_gradient():
   z = [rng.normal(size=(m, j)).astype(np.float32) * 2 for _ in range(heads)]
   a = [rng.normal(size=(m, D)).astype(np.float32) for _ in range(heads)]
   f = rng.normal(size=(m, D)).astype(np.float32)
-  q = [_softmax(rng.normal(size=(m, j))).astype(np.float32) for _ in range(heads)]
+  q = [softmax(rng.normal(size=(m, j))).astype(np.float32) for _ in range(heads)]
   kw = dict(temperature=3.0, distill_weight=0.7, feature_weight=0.03, aux_weight=1.3)
 
   @jax.jit
@@ -98,7 +89,7 @@ def test_aux_terms_match_numpy_and_stop_the_teacher_gradient():
     return per_row, terms, g_z, g_f
 
   per_row, terms, g, g_f = run(z, f)
-  ce = [-(q[h] * _log_softmax(z[h])).sum(-1) for h in range(heads)]
+  ce = [-(q[h] * log_softmax(z[h])).sum(-1) for h in range(heads)]
   kl = [_kl(z[-1], z[h], 3.0) for h in range(heads - 1)] + [np.zeros(m)]
   l2 = [np.sqrt(((a[h].astype(np.float64) - f) ** 2).sum(-1)) for h in range(heads)]
   want = sum(1.3 * ce[h] + 0.7 * kl[h] + 0.03 * l2[h] for h in range(heads))
@@ -175,13 +166,13 @@ def _numpy_loss(setup, state_before, epoch, main_past, aux_past, main_pskd=True)
   main = np.asarray(out["logits"], np.float64)[:B]
   past = np.eye(C)[y] if epoch == 0 or not main_pskd else main_past[INDEX]
   alpha_main = alpha if main_pskd else 0.0  # main_pskd=False: plain CE
-  main_loss = -(_targets(y, past, alpha_main) * _log_softmax(main)).sum(-1)
+  main_loss = -(_targets(y, past, alpha_main) * log_softmax(main)).sum(-1)
   joint = np.concatenate([4 * y + k for k in range(R)])
   rows = np.concatenate([4 * INDEX + k for k in range(R)])
   per_row = np.zeros(R * B)
   for h, (z, a) in enumerate(zip(z_heads, a_heads)):
     past_h = np.eye(4 * C)[joint] if epoch == 0 else aux_past[h][rows]
-    per_row += -(_targets(joint, past_h, alpha) * _log_softmax(z)).sum(-1)
+    per_row += -(_targets(joint, past_h, alpha) * log_softmax(z)).sum(-1)
     per_row += 0.03 * np.sqrt(((a - f) ** 2).sum(-1))
     if h < len(z_heads) - 1:
       per_row += 1.0 * _kl(z_heads[-1], z, 3.0)
@@ -199,13 +190,13 @@ def test_tables_written_at_rows_4i_plus_k_and_read_back_as_targets(setup):
   np.testing.assert_allclose(setup["loss1"], want1, rtol=2e-5)
   main_rows = np.asarray(state1.main_predictions.rows)
   np.testing.assert_allclose(main_rows[INDEX],
-                             _softmax(np.asarray(setup["outputs"]["logits"])[:B]), rtol=1e-5)
+                             softmax(np.asarray(setup["outputs"]["logits"])[:B]), rtol=1e-5)
   untouched = np.setdiff1d(np.arange(N + 2), INDEX)
   np.testing.assert_array_equal(main_rows[untouched], 0.0)
   for h, table in enumerate(state1.aux_predictions):
     rows = np.asarray(table.rows)
     for k in range(R):
-      np.testing.assert_allclose(rows[4 * INDEX + k], _softmax(z_heads[h][k * B:(k + 1) * B]),
+      np.testing.assert_allclose(rows[4 * INDEX + k], softmax(z_heads[h][k * B:(k + 1) * B]),
                                  rtol=1e-5, atol=1e-7)
     written = np.concatenate([4 * INDEX + k for k in range(R)])
     np.testing.assert_array_equal(np.delete(rows, written, axis=0), 0.0)
@@ -232,7 +223,7 @@ def test_gradients_and_the_heads_step(setup):
   g_exit, g_out = grads(state0.exit_params, setup["outputs"])
   g_logits = np.asarray(g_out["logits"])
   # Main classifier: CE (epoch 0, one-hot) on the un-rotated rows only.
-  probs = _softmax(np.asarray(setup["outputs"]["logits"])[:B])
+  probs = softmax(np.asarray(setup["outputs"]["logits"])[:B])
   np.testing.assert_allclose(g_logits[:B], (probs - np.eye(C)[LABELS]) / B, atol=1e-6)
   np.testing.assert_array_equal(g_logits[B:], 0.0)
   np.testing.assert_array_equal(g_out["features"], 0.0)
@@ -315,7 +306,7 @@ def test_four_devices_match_one_device(setup, variant):
     want, z_heads = _numpy_loss(setup, state, 1, None, aux_past, main_pskd=False)
     np.testing.assert_allclose(loss_1, want, rtol=2e-5)
     written = np.asarray(state_1.aux_predictions[1].rows[4 * INDEX + 2].astype(jnp.float32))
-    want_rows = jnp.asarray(_softmax(z_heads[1][2 * B:3 * B]), jnp.float32)
+    want_rows = jnp.asarray(softmax(z_heads[1][2 * B:3 * B]), jnp.float32)
     # bf16 keeps 8 significant bits: equal up to one bf16 rounding step.
     np.testing.assert_allclose(written, np.asarray(want_rows), rtol=8e-3, atol=1e-6)
 

@@ -9,15 +9,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from selfkd_jax import methods
-
-
-def _log_softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _softmax(z):
-  return np.exp(_log_softmax(z))
+from numpy_reference import log_softmax, softmax
 
 
 def _update(method, state, logits, labels, index, epoch, axis_name=None):
@@ -40,27 +32,27 @@ class TestPSKD:
     labels, index = np.array([2, 0]), np.array([4, 1])
     loss, state, metrics = jax.jit(functools.partial(_update, method))(
         state, logits, labels, index, 0)
-    expected_ce = -_log_softmax(logits)[np.arange(2), labels]
+    expected_ce = -log_softmax(logits)[np.arange(2), labels]
     np.testing.assert_allclose(loss, expected_ce, rtol=1e-6)
     table = np.asarray(state.past_predictions.rows)
-    np.testing.assert_allclose(table[[4, 1]], _softmax(logits), rtol=1e-6)
+    np.testing.assert_allclose(table[[4, 1]], softmax(logits), rtol=1e-6)
     np.testing.assert_array_equal(table[[0, 2, 3, 5]], 0.0)  # untouched rows
     np.testing.assert_allclose(metrics["pskd_alpha"], 0.8 * 1 / 4, rtol=1e-6)
 
   def test_later_epoch_mixes_past_predictions(self):
     rng = np.random.default_rng(1)
     method = methods.pskd(num_examples=5, num_classes=4, total_epochs=10, alpha_T=0.8)
-    past = _softmax(rng.normal(size=(5, 4))).astype(np.float32)
+    past = softmax(rng.normal(size=(5, 4))).astype(np.float32)
     state = methods.PSKDState(methods.PerExampleTable(jnp.asarray(past)))
     logits = rng.normal(size=(3, 4)).astype(np.float32)
     labels, index = np.array([1, 3, 0]), np.array([2, 0, 4])
     loss, new_state, _ = _update(method, state, logits, labels, index, epoch=3)
     alpha = 0.8 * (3 + 1) / 10
     targets = (1 - alpha) * np.eye(4)[labels] + alpha * past[index]
-    expected = -(targets * _log_softmax(logits)).sum(-1)
+    expected = -(targets * log_softmax(logits)).sum(-1)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     new_rows = np.asarray(new_state.past_predictions.rows)
-    np.testing.assert_allclose(new_rows[index], _softmax(logits), rtol=1e-6)
+    np.testing.assert_allclose(new_rows[index], softmax(logits), rtol=1e-6)
     np.testing.assert_array_equal(new_rows[[1, 3]], past[[1, 3]])
 
   def test_no_gradient_flows_into_past_predictions(self):
@@ -83,7 +75,7 @@ class TestPSKD:
     logits = jnp.array([[2.0, 0.0, -1.0]])
     _, state, _ = _update(method, state, logits, jnp.array([0]), jnp.array([3]), epoch=0)
     np.testing.assert_allclose(np.asarray(state.past_predictions.rows[3], np.float32),
-                               _softmax(np.asarray(logits))[0], rtol=1e-2)
+                               softmax(np.asarray(logits))[0], rtol=1e-2)
 
   def test_epoch_end_eval_refresh_leaves_table_during_steps(self):
     method = methods.pskd(num_examples=4, num_classes=2, total_epochs=2,
@@ -94,7 +86,7 @@ class TestPSKD:
     _, state, _ = _update(method, state, logits, jnp.array([0]), jnp.array([2]), epoch=1)
     np.testing.assert_array_equal(state.past_predictions.rows, 0.0)
     state = method.refresh(state, {"logits": logits}, {"index": jnp.array([2])})
-    np.testing.assert_allclose(state.past_predictions.rows[2], _softmax(np.array([1.0, -1.0])),
+    np.testing.assert_allclose(state.past_predictions.rows[2], softmax(np.array([1.0, -1.0])),
                                rtol=1e-6)
 
   def test_bad_arguments(self):
@@ -141,7 +133,7 @@ class TestShardedTables:
   def test_pskd_update_on_four_devices_equals_one(self):
     rng = np.random.default_rng(3)
     method = methods.pskd(num_examples=16, num_classes=5, total_epochs=4)
-    past = _softmax(rng.normal(size=(16, 5))).astype(np.float32)
+    past = softmax(rng.normal(size=(16, 5))).astype(np.float32)
     state = methods.PSKDState(methods.PerExampleTable(jnp.asarray(past)))
     logits = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 5, 8), jnp.int32)
@@ -175,7 +167,7 @@ class TestBaselinesAndCombine:
   def test_cross_entropy_and_label_smoothing(self):
     logits = np.array([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]], np.float32)
     labels = np.array([0, 1])
-    log_p = _log_softmax(logits)
+    log_p = log_softmax(logits)
     ce, _, _ = _update(methods.cross_entropy(), methods.stateless_init(), logits, labels,
                        None, 0)
     np.testing.assert_allclose(ce, -log_p[[0, 1], labels], rtol=1e-6)
@@ -195,14 +187,14 @@ class TestBaselinesAndCombine:
     logits = jnp.array([[1.0, 0.0, -1.0]])
     labels, index = jnp.array([2]), jnp.array([1])
     loss, new_state, metrics = _update(method, state, logits, labels, index, epoch=1)
-    ce = -_log_softmax(np.asarray(logits))[0, 2]
+    ce = -log_softmax(np.asarray(logits))[0, 2]
     # Epoch 1 with empty past predictions (zeros): pskd target = (1 - alpha) onehot.
     alpha = 0.8 * 2 / 2
     expected = ce + 0.5 * (1 - alpha) * ce + 2.0 * (1 - alpha) * ce
     np.testing.assert_allclose(loss, [expected], rtol=1e-5)
     assert len(new_state) == 3
     np.testing.assert_allclose(new_state[1].past_predictions.rows[1],
-                               _softmax(np.asarray(logits))[0], rtol=1e-6)
+                               softmax(np.asarray(logits))[0], rtol=1e-6)
     assert set(metrics) == {"pskd_alpha", "2/pskd_alpha"}
     assert method.refresh is None
     with pytest.raises(ValueError, match="weights"):

@@ -8,6 +8,7 @@ import pytest
 from selfkd_jax import losses
 from selfkd_jax.methods.base import MethodHooks
 from selfkd_jax.methods.mrkd import MrKDState, mrkd
+from numpy_reference import log_softmax, softmax
 
 RNG = np.random.default_rng(0)
 IMAGES = RNG.normal(size=(6, 5)).astype(np.float32)
@@ -15,23 +16,14 @@ LABELS = np.array([0, 1, 2, 0, 1, 2], np.int32)
 LOGITS = RNG.normal(size=(6, 3)).astype(np.float32)
 
 
-def _log_softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _softmax(z):
-  return np.exp(_log_softmax(z))
-
-
 def _ce(z, y):
-  return -_log_softmax(z)[np.arange(len(y)), y]
+  return -log_softmax(z)[np.arange(len(y)), y]
 
 
 def _distill(z, q, t):
   """T^2 KL(q || softmax(z / T)), 0 log 0 = 0."""
   log_q = np.log(np.where(q > 0, q, 1.0))
-  return t**2 * np.sum(np.where(q > 0, q * (log_q - _log_softmax(z / t)), 0.0), -1)
+  return t**2 * np.sum(np.where(q > 0, q * (log_q - log_softmax(z / t)), 0.0), -1)
 
 
 # A hand-written "model": logits = (x - mean) @ w. Variables as {'params', 'batch_stats'}.
@@ -161,7 +153,7 @@ def test_teacher_is_the_eval_forward_of_the_snapshot(alpha, temperature):
   teacher_logits = _np_bnnet(old, IMAGES)
   train_logits = np.asarray(_bn_forward(old, jnp.asarray(IMAGES), train=True)["logits"])
   assert not np.allclose(teacher_logits, train_logits, atol=1e-2)  # the test can tell them apart
-  q = _softmax(teacher_logits / temperature)
+  q = softmax(teacher_logits / temperature)
   distill = _distill(LOGITS, q, temperature)
   expected = (1 - alpha) * _ce(LOGITS, LABELS) + alpha * distill
   np.testing.assert_allclose(loss, expected, rtol=1e-4, atol=1e-6)
@@ -181,10 +173,10 @@ def test_teacher_averages_only_the_filled_snapshots():
   state = method.init()
   update = jax.jit(lambda st, v, s: _step(method, st, v, s))
   loss, state, _ = update(state, first, 1)
-  q1 = _softmax(_np_linear(first) / 2.0)
+  q1 = softmax(_np_linear(first) / 2.0)
   np.testing.assert_allclose(loss, _distill(LOGITS, q1, 2.0), rtol=1e-4, atol=1e-6)
   loss, state, metrics = update(state, second, 2)
-  q = (q1 + _softmax(_np_linear(second) / 2.0)) / 2.0  # probabilities averaged, not logits
+  q = (q1 + softmax(_np_linear(second) / 2.0)) / 2.0  # probabilities averaged, not logits
   np.testing.assert_allclose(loss, _distill(LOGITS, q, 2.0), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(metrics["mrkd_teacher_accuracy"],
                              np.mean(q.argmax(-1) == LABELS), rtol=1e-6)
@@ -192,7 +184,7 @@ def test_teacher_averages_only_the_filled_snapshots():
 
 
 def _np_tc(teacher_logits, temperature, tc, beta, when):
-  q = _softmax(teacher_logits / temperature)
+  q = softmax(teacher_logits / temperature)
   top = q.argmax(-1)
   wrong = top != LABELS
   if tc == "mix":
@@ -201,7 +193,7 @@ def _np_tc(teacher_logits, temperature, tc, beta, when):
     z = teacher_logits.copy()
     for i, (t, y) in enumerate(zip(top, LABELS)):
       z[i, t], z[i, y] = teacher_logits[i, y], teacher_logits[i, t]
-    corrected = _softmax(z / temperature)
+    corrected = softmax(z / temperature)
   if when == "wrong":
     corrected = np.where(wrong[:, None], corrected, q)
   return corrected
@@ -247,7 +239,7 @@ def test_no_gradient_flows_into_the_snapshot():
                                step=5, epoch=0, hooks=hooks)
     return loss.sum()
 
-  q = jnp.asarray(_softmax(_np_linear(base) / temperature), jnp.float32)
+  q = jnp.asarray(softmax(_np_linear(base) / temperature), jnp.float32)
 
   def reference(params):
     logits = (jnp.asarray(IMAGES) - base["batch_stats"]["mean"]) @ params["w"] + LOGITS

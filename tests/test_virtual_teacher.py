@@ -9,16 +9,8 @@ from selfkd_jax.methods import virtual_teacher
 
 LOGITS = np.array([[2.0, -1.0, 0.5, 0.0], [0.1, 0.2, 3.0, -2.0], [-1.0, 4.0, 0.0, 1.0]],
                   np.float32)
+from numpy_reference import log_softmax, softmax
 LABELS = np.array([0, 2, 3], np.int32)
-
-
-def _log_softmax(z):
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def _softmax(z):
-  return np.exp(_log_softmax(z))
 
 
 def _kl(p, log_q):
@@ -26,7 +18,7 @@ def _kl(p, log_q):
 
 
 def _ce(z, y):
-  return -_log_softmax(z)[np.arange(len(y)), y]
+  return -log_softmax(z)[np.arange(len(y)), y]
 
 
 def _designed(y, c, a):
@@ -41,9 +33,9 @@ def _run(method, logits=LOGITS, labels=LABELS):
 
 
 def test_target_kl_matches_numpy_and_stops_target_gradient():
-  targets = _softmax(np.array([[0.3, 0.1, -0.2, 0.0]] * 3, np.float64))
+  targets = softmax(np.array([[0.3, 0.1, -0.2, 0.0]] * 3, np.float64))
   got = losses.target_kl(LOGITS, targets, temperature=2.0)
-  np.testing.assert_allclose(got, _kl(targets, _log_softmax(LOGITS / 2.0)), rtol=1e-5)
+  np.testing.assert_allclose(got, _kl(targets, log_softmax(LOGITS / 2.0)), rtol=1e-5)
   # A zero target entry contributes 0, not NaN.
   one_hot = np.eye(4)[LABELS]
   np.testing.assert_allclose(losses.target_kl(LOGITS, one_hot), _ce(LOGITS, LABELS), rtol=1e-5)
@@ -53,8 +45,8 @@ def test_target_kl_matches_numpy_and_stops_target_gradient():
 
 @pytest.mark.parametrize("alpha,temperature,multiplier", [(0.1, 20.0, 100.0), (0.6, 3.0, 7.0)])
 def test_tfkd_reg_faithful(alpha, temperature, multiplier):
-  teacher = _softmax(_designed(LABELS, 4, 0.99) / temperature)  # probabilities as logits
-  kl = _kl(teacher, _log_softmax(LOGITS))  # the student is not tempered
+  teacher = softmax(_designed(LABELS, 4, 0.99) / temperature)  # probabilities as logits
+  kl = _kl(teacher, log_softmax(LOGITS))  # the student is not tempered
   expected = (1 - alpha) * _ce(LOGITS, LABELS) + alpha * (multiplier / 4) * kl
   got = _run(virtual_teacher.tfkd_reg(alpha=alpha, temperature=temperature,
                                       multiplier=multiplier))
@@ -62,8 +54,8 @@ def test_tfkd_reg_faithful(alpha, temperature, multiplier):
 
 
 def test_tfkd_reg_paper():
-  teacher = _softmax(_designed(LABELS, 4, 0.9) / 5.0)
-  kl = _kl(teacher, _log_softmax(LOGITS / 5.0))
+  teacher = softmax(_designed(LABELS, 4, 0.9) / 5.0)
+  kl = _kl(teacher, log_softmax(LOGITS / 5.0))
   expected = 0.3 * _ce(LOGITS, LABELS) + 0.7 * kl
   got = _run(virtual_teacher.tfkd_reg(alpha=0.7, temperature=5.0, correct_prob=0.9,
                                       variant="paper"))
@@ -72,7 +64,7 @@ def test_tfkd_reg_paper():
 
 def test_lsrkd_uniform_teacher():
   uniform = np.full((3, 4), 0.25)
-  expected = 0.8 * _ce(LOGITS, LABELS) + 0.2 * 9.0 * _kl(uniform, _log_softmax(LOGITS / 3.0))
+  expected = 0.8 * _ce(LOGITS, LABELS) + 0.2 * 9.0 * _kl(uniform, log_softmax(LOGITS / 3.0))
   np.testing.assert_allclose(_run(virtual_teacher.lsrkd(alpha=0.2, temperature=3.0)), expected,
                              rtol=1e-5)
 
@@ -90,7 +82,7 @@ def test_lsrkd_at_t1_has_the_gradient_of_label_smoothing():
 
 def test_lsrkd_teacher_correction():
   teacher = _designed(LABELS, 4, 0.5)
-  expected = 0.9 * _ce(LOGITS, LABELS) + 0.1 * 4.0 * _kl(teacher, _log_softmax(LOGITS / 2.0))
+  expected = 0.9 * _ce(LOGITS, LABELS) + 0.1 * 4.0 * _kl(teacher, log_softmax(LOGITS / 2.0))
   got = _run(virtual_teacher.lsrkd(alpha=0.1, temperature=2.0, beta=0.5))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   # beta = 1/C is the uniform teacher, i.e. plain LsrKD.

@@ -15,6 +15,7 @@ import pytest
 from selfkd_jax import losses
 from selfkd_jax import models
 from selfkd_jax.methods.zipf import upsample_dense_logits, zipf
+from numpy_reference import log_softmax, softmax
 
 STEP, EPOCH = jnp.int32(0), jnp.int32(0)
 
@@ -65,17 +66,11 @@ def ref_upsample(x, factor):
   return np.einsum('ih,jw,bhwc->bijc', rows, cols, x)
 
 
-def ref_log_softmax(z):
-  z = np.asarray(z, np.float64)
-  z = z - z.max(-1, keepdims=True)
-  return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
 def ref_kl_non_target(logits, targets, label):
   """KL(targets ‖ softmax over the non-target logits) for one example."""
   others = [k for k in range(len(logits)) if k != label]
   p = np.asarray(targets, np.float64)[others]
-  log_q = ref_log_softmax(np.asarray(logits)[others])
+  log_q = log_softmax(np.asarray(logits)[others])
   positive = p > 0
   return float(np.sum(p[positive] * (np.log(p[positive]) - log_q[positive])))
 
@@ -90,7 +85,7 @@ def ref_method(logits, labels, weight, *, dense_logits=None, upsample=1):
     up = ref_upsample(dense_logits, upsample)
     votes = ref_votes(up.reshape(up.shape[0], -1, num_classes), num_classes)
     targets = ref_zipf_rows(votes, labels)
-  ce = -ref_log_softmax(logits)[np.arange(len(labels)), labels]
+  ce = -log_softmax(logits)[np.arange(len(labels)), labels]
   kl = np.array([ref_kl_non_target(z, t, y) for z, t, y in zip(logits, targets, labels)])
   return ce + weight * kl, kl, targets
 
@@ -225,7 +220,7 @@ def test_method_votes_with_a_known_ranking():
                                 {'logits': logits, 'dense_logits': dense}, np.array([2]))
   targets = np.array([4 / 39, 20 / 39, 0, 10 / 39, 5 / 39])
   kl = ref_kl_non_target(logits[0], targets, 2)
-  ce = -ref_log_softmax(logits[0])[2]
+  ce = -log_softmax(logits[0])[2]
   np.testing.assert_allclose(loss, [ce + 0.5 * kl], rtol=1e-6)
   np.testing.assert_allclose(metrics['zipf_loss'], kl, rtol=1e-6)
 
@@ -248,11 +243,11 @@ def test_method_targets_carry_no_gradient(dense):
   # With P constant: d(CE)/dz = softmax(z) − onehot; d(KL)/dz = q̂ − P off the label, 0 on it.
   _, _, targets = ref_method(logits, labels, weight,
                              dense_logits=dense_logits if dense else None, upsample=2)
-  expected = np.exp(ref_log_softmax(logits))
+  expected = np.exp(log_softmax(logits))
   expected[np.arange(3), labels] -= 1.0
   for i, y in enumerate(labels):
     others = [k for k in range(6) if k != y]
-    expected[i, others] += weight * (np.exp(ref_log_softmax(logits[i, others]))
+    expected[i, others] += weight * (np.exp(log_softmax(logits[i, others]))
                                      - targets[i, others])
   np.testing.assert_allclose(grad_z, expected / 3, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(grad_d, 0.0)
