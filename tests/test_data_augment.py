@@ -4,6 +4,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from selfkd_jax import data
@@ -53,6 +54,7 @@ def test_independent_of_batch_position():
   assert not np.array_equal(_raw(images, indices + 1), full)
 
 
+@pytest.mark.cross_device
 def test_one_and_four_devices_agree():
   images, indices = _images()
   per_device = functools.partial(data.augment_batch, key=jax.random.key(3), epoch=2,

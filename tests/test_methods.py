@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import roundoff
 from selfkd_jax import methods
 from numpy_reference import log_softmax, softmax
 
@@ -130,6 +131,7 @@ class TestShardedTables:
     np.testing.assert_array_equal(np.asarray(plain_read, np.float32),
                                   np.asarray(jnp.asarray(rows, dtype), np.float32)[index])
 
+  @pytest.mark.cross_device
   def test_pskd_update_on_four_devices_equals_one(self):
     rng = np.random.default_rng(3)
     method = methods.pskd(num_examples=16, num_classes=5, total_epochs=4)
@@ -152,9 +154,12 @@ class TestShardedTables:
                                     in_specs=(spec, P("data"), P("data"), P("data")),
                                     out_specs=(P("data"), spec), check_vma=False))
     loss, new_state = sharded(state, logits, labels, index)
-    np.testing.assert_allclose(loss, single_loss, rtol=1e-6)
-    np.testing.assert_array_equal(new_state.past_predictions.rows,
-                                  single_state.past_predictions.rows)
+    # Per-example arithmetic on 2 rows per device instead of 8: XLA may vectorise the
+    # softmax sums differently, so equal to round-off (the row moves are exact, see
+    # test_gather_and_scatter_match_plain_indexing).
+    roundoff.assert_close_to_scale(loss, single_loss, roundoff.STEP_RTOL)
+    roundoff.assert_close_to_scale(new_state.past_predictions.rows,
+                                   single_state.past_predictions.rows, roundoff.STEP_RTOL)
 
   def test_table_bytes(self):
     state = (methods.create_table(100, (10,), jnp.bfloat16), {"other": jnp.zeros(3)})

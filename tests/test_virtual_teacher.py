@@ -1,4 +1,4 @@
-"""Tf-KD_reg and LsrKD(+TC) against numpy written from METHODS.md, and the target_kl primitive."""
+"""Tf-KD_reg and LsrKD(+TC) against numpy written from docs/METHODS.md; the target_kl primitive."""
 import jax
 import jax.numpy as jnp
 import numpy as np

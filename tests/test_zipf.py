@@ -2,7 +2,7 @@
 dense logits, the `zipf` method and the models' 'dense_logits' output.
 
 Expectations are hand-computed or come from float64 numpy references written from the
-definitions (METHODS.md) and from the official code's conventions (scipy
+definitions (docs/METHODS.md) and from the official code's conventions (scipy
 `rankdata(..., method='min')`, PyTorch bilinear interpolation with align_corners=False).
 """
 import math
