@@ -41,6 +41,11 @@ RUN_RTOL = 2.0**10 * EPS
 # of at most a few thousand terms, 2^7·EPS ≈ 1.5e-5 of the scale (√4096·u ≈ 4e-6 per sum).
 STEP_RTOL = 2.0**7 * EPS
 
+# The logits of a deep network's forward pass (ResNet-18: ~20 layers of sums of up to 3·3·512
+# terms, each ~√4608·u ≈ 4e-6 of its scale) carry every layer's rounding: measured up to 36% of
+# STEP_RTOL; 2^10·EPS leaves ~10× headroom.
+DEEP_FORWARD_RTOL = 2.0**10 * EPS
+
 
 def _report(name, actual, expected, atol):
   """With ROUNDOFF_REPORT=<file>, append how much of each tolerance a comparison used, to check

@@ -11,7 +11,7 @@ Conventions shared by every function here:
   gradients into its targets.
 * Classes are masked out with `jnp.where` (exact in bf16), never with `z − 1000·mask`.
 
-Nothing here imports a model, the trainer or the data pipeline. Formulas: `METHODS.md`.
+Nothing here imports a model, the trainer or the data pipeline. Formulas: `docs/METHODS.md`.
 """
 from selfkd_jax.losses.classification import corrected_uniform
 from selfkd_jax.losses.classification import cross_entropy

@@ -151,7 +151,7 @@ def smooth_labels(
   i.e. `1 − ε + ε/C` on the label and `ε/C` elsewhere. With `exclude_target=True` (the
   convention of the Tf-KD and Zipf repositories) the smoothing mass goes to the other
   classes only: `q_y = 1 − ε`, `q_k = ε/(C−1)` for `k ≠ y`. Rows sum to 1 in both cases.
-  METHODS.md's default is `ε = 0.1`; it is required here.
+  docs/METHODS.md lists `ε = 0.1` as the usual value; it is required here.
 
   Args:
     labels: `[...]` integer class ids.
@@ -184,8 +184,8 @@ def corrected_uniform(
   .. math::
     u'_y = \beta, \qquad u'_k = (1-\beta)/(C-1) \ \ (k \ne y).
 
-  `β = 1/C` gives the uniform distribution back. METHODS.md's (reconstructed) default is
-  `β = 0.5`; it is required here.
+  `β = 1/C` gives the uniform distribution back. The (reconstructed) default given in
+  docs/METHODS.md is `β = 0.5`; it is required here.
 
   Args:
     labels: `[...]` integer class ids.

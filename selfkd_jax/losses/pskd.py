@@ -17,7 +17,7 @@ def pskd_alpha(
 
   with `e` the 0-indexed epoch and `E` the total number of epochs. This is the official
   code's schedule (`faithful`); the paper writes `α_T · t / T`. It is not clipped: it reaches
-  `α_T` at the last epoch `e = E − 1`. METHODS.md's default is `α_T = 0.8`.
+  `α_T` at the last epoch `e = E − 1`. docs/METHODS.md lists `α_T = 0.8` as the default.
 
   All arguments may be Python numbers or (traced) scalars; the function is jit-safe.
 

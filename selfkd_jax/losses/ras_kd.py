@@ -15,8 +15,8 @@ def relation_matrix(
 
   with `cos` computed on L2-normalised rows (`max(‖v‖, 1e-12)`, so an all-zero prototype
   gives cosine 0 instead of NaN). The diagonal is removed from the softmax exactly, every
-  row sums to 1. METHODS.md's (reconstructed) default is `τ_r = 0.1`. The RAS-KD target is
-  then `(1 − ε)·e_y + ε·R[y]`.
+  row sums to 1. The (reconstructed) default in docs/METHODS.md is `τ_r = 0.1`. The RAS-KD
+  target is then `(1 − ε)·e_y + ε·R[y]`.
 
   Gradients flow into `prototypes` (the method stops them if its prototypes are a target).
   The `C × C` similarity uses `Precision.HIGHEST`: with `τ_r = 0.1` the reduced-precision

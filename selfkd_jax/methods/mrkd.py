@@ -83,7 +83,7 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
   r"""Memory-replay KD (MrKD), optionally with Teacher Correction (MrKD+TC).
 
   **Reconstruction.** No code and no full text of the paper were found; everything below is our
-  reading of the abstract (see `shared/METHODS.md`). Do not report results as the paper's
+  reading of the abstract (see `docs/METHODS.md`). Do not report results as the paper's
   method without saying so.
 
   The teacher is a frozen copy `theta_hat` of the model taken earlier on its own training
@@ -115,10 +115,10 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
   trainer passes it) first pushes `sg(hooks.variables)` into slot `next_slot` when `s > 0` and
   `s % refresh_every == 0`, then computes the teacher from the updated buffer. So the snapshot
   taken at step `s` (the weights after `s` updates) serves steps `s .. s + refresh_every - 1`.
-  With `refresh_every = steps_per_epoch` (the METHODS.md default, "once per epoch") the teacher
-  of epoch `e` is the model at the end of epoch `e - 1` (with `K > 1`, the average of the
-  models at the ends of epochs `e-1 .. e-K`). The push is a `lax.cond`, so the copy is only
-  made on refresh steps.
+  With `refresh_every = steps_per_epoch` (the docs/METHODS.md default, "once per epoch") the
+  teacher of epoch `e` is the model at the end of epoch `e - 1` (with `K > 1`, the average of
+  the models at the ends of epochs `e-1 .. e-K`). The push is a `lax.cond`, so the copy is
+  only made on refresh steps.
 
   Why a template: `init(rng)` cannot see the model, but the state must have fixed shapes. The
   constructor takes `variables_template`, a pytree with the model's variables' shapes and

@@ -48,7 +48,7 @@ def ras_kd(num_classes: int, feature_dim: int, *, epsilon: float = 0.1,
   r"""Relation-aware label smoothing with a light auxiliary classifier (RAS-KD).
 
   **Reconstruction.** The paper is paywalled and no code is public; everything below is our
-  reading of the abstract (see `shared/METHODS.md`). The free choices that plausibly matter
+  reading of the abstract (see `docs/METHODS.md`). The free choices that plausibly matter
   are knobs (arguments below); the remaining ones are fixed and listed under "Fixed choices"
   with the reason. Do not report results as the paper's method without
   saying so.
