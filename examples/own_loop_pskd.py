@@ -41,20 +41,21 @@ def main(num_epochs: int = 20, batch_size: int = 64, seed: int = 0) -> float:
   train, test = order[:1500], order[1500:]
   num_train, num_classes = len(train), 10
 
+  steps_per_epoch = num_train // batch_size  # the loop below drops the last partial batch
   method = methods.pskd(num_examples=num_train, num_classes=num_classes,
-                        total_epochs=num_epochs, alpha_T=0.8)
+                        total_epochs=num_epochs, steps_per_epoch=steps_per_epoch, alpha_T=0.8)
   tx = optax.sgd(0.1, momentum=0.9)
   params = init_mlp(jax.random.PRNGKey(seed), [64, 128, num_classes])
   opt_state = tx.init(params)
   method_state = method.init()  # past predictions: [num_train, num_classes]
 
   @jax.jit
-  def train_step(params, opt_state, method_state, batch, step, epoch):
+  def train_step(params, opt_state, method_state, batch, step):
 
     def loss_fn(params):
       outputs = {"logits": mlp(params, batch["image"])}
       per_example, new_method_state, _ = method.update(method_state, outputs, batch,
-                                                       step=step, epoch=epoch)
+                                                       step=step)
       return per_example.mean(), new_method_state
 
     (loss, method_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -69,7 +70,7 @@ def main(num_epochs: int = 20, batch_size: int = 64, seed: int = 0) -> float:
       index = permutation[start:start + batch_size]
       batch = {"image": images[train[index]], "label": labels[train[index]], "index": index}
       params, opt_state, method_state, loss = train_step(params, opt_state, method_state,
-                                                         batch, step, epoch)
+                                                         batch, step)
       step += 1
   accuracy = float(np.mean(np.argmax(mlp(params, images[test]), -1) == labels[test]))
   print(f"test accuracy {accuracy:.4f}, last loss {float(loss):.4f}")

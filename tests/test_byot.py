@@ -141,14 +141,14 @@ def setup():
   }
   labels = jnp.arange(B) % C
   exits = make_exits("byot", LENET_STAGES, D, C)  # official layout: attention + SepConv
-  methods = {"journal": byot(exits),
-             "conference": byot(exits, variant="conference"),
+  methods = {"journal": byot(exits, feature_norm="example"),
+             "conference": byot(exits, variant="conference", feature_norm="example"),
              "batch": byot(exits, feature_norm="batch")}
   state = jax.jit(methods["journal"].init)(jax.random.PRNGKey(1))
 
   @jax.jit
   def run(state, outputs, labels):
-    results = {name: m.update(state, outputs, {"label": labels}, step=0, epoch=0)
+    results = {name: m.update(state, outputs, {"label": labels}, step=0)
                for name, m in methods.items()}
     (z, a), _ = exits.apply({"params": state.exit_params, "batch_stats": state.exit_batch_stats},
                             outputs["stage_features"], train=True, mutable=["batch_stats"])
@@ -198,7 +198,7 @@ def test_gradients_stop_at_the_teacher_and_reach_the_backbone_and_exits(setup):
   def grads(exit_params, outputs):
     def mean_loss(exit_params, outputs):
       s = state._replace(exit_params=exit_params)
-      return jnp.mean(method.update(s, outputs, {"label": labels}, step=0, epoch=0)[0])
+      return jnp.mean(method.update(s, outputs, {"label": labels}, step=0)[0])
     return jax.grad(mean_loss, argnums=(0, 1))(exit_params, outputs)
 
   g_exit, g_out = grads(state.exit_params, setup["outputs"])
@@ -249,7 +249,7 @@ def test_four_devices_match_one_device(setup):
   state, outputs, labels = setup["state"], setup["outputs"], setup["labels"]
 
   def step(state, outputs, labels, axis_name):
-    return method.update(state, outputs, {"label": labels}, step=0, epoch=0,
+    return method.update(state, outputs, {"label": labels}, step=0,
                          axis_name=axis_name)
 
   mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),

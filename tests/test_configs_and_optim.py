@@ -2,12 +2,15 @@
 
 import glob
 import importlib.util
+import inspect
 import os
 
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
+from selfkd_jax import methods
 from selfkd_jax.train import config_check, optim
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,3 +136,34 @@ def test_sgd_weight_decay_is_added_to_the_gradient():
   # PyTorch SGD: p -= lr * (g + wd * p)
   np.testing.assert_allclose(updates["w"], -0.1 * (np.array([0.5, 0.5]) + 5e-4 * np.array([2.0, -1.0])),
                              rtol=1e-6)
+
+
+# The trainer's `config.method.*` keys that are written differently from the constructor's
+# parameter (same meaning), and keys a config name fixes on purpose (a named variant).
+_CONFIG_SPELLINGS = {"storage_dtype": {"float32": jnp.float32}, "aux_alpha_T": {0.0: None},
+                     "feature_exits": {(): None}}
+_VARIANT_KEYS = {("lsrkd_tc", "beta"), ("mrkd_tc", "tc")}
+
+
+def test_config_defaults_are_the_constructors_defaults():
+  """Defaults live in the constructors: every config key named like a constructor parameter has
+  the constructor's default (a diverging default is how byot's feature_norm drifted)."""
+  from selfkd_jax.train.method_factory import METHOD_BUILDERS
+  constructors = {"ls": methods.label_smoothing, "lsrkd_tc": methods.lsrkd,
+                  "mrkd_tc": methods.mrkd}
+  checked = 0
+  for name, (_, defaults) in METHOD_BUILDERS.items():
+    constructor = constructors.get(name, getattr(methods, name, None))
+    if constructor is None:
+      continue
+    parameters = inspect.signature(constructor).parameters
+    for key, value in defaults.items():
+      if key not in parameters or parameters[key].default is inspect.Parameter.empty:
+        continue
+      if (name, key) in _VARIANT_KEYS:
+        assert value != parameters[key].default, (name, key)
+        continue
+      value = _CONFIG_SPELLINGS.get(key, {}).get(value, value)
+      assert value == parameters[key].default, (name, key, value, parameters[key].default)
+      checked += 1
+  assert checked >= 50

@@ -196,7 +196,7 @@ def _problem(b=5, d=3, c=4):
 def _update(method, w, x_anchor, x_partner, labels, calls):
   hooks = MethodHooks(forward=_model(calls), variables={"params": {"w": w}}, images=x_anchor)
   batch = {"label": labels, "index": jnp.arange(len(labels)), "partner_image": x_partner}
-  return method.update(method.init(), {"logits": x_anchor @ w}, batch, step=0, epoch=0,
+  return method.update(method.init(), {"logits": x_anchor @ w}, batch, step=0,
                        hooks=hooks)
 
 
@@ -248,9 +248,9 @@ def test_cskd_errors():
   hooks = MethodHooks(forward=_model([]), variables={"params": {"w": w}}, images=xa)
   with pytest.raises(ValueError, match=r"no 'partner_image'.*partners=True"):
     method.update((), {"logits": xa @ w}, {"label": y, "index": jnp.arange(5)}, step=0,
-                  epoch=0, hooks=hooks)
+                  hooks=hooks)
   with pytest.raises(ValueError, match="hooks.forward"):
-    method.update((), {"logits": xa @ w}, {"label": y, "partner_image": xp}, step=0, epoch=0)
+    method.update((), {"logits": xa @ w}, {"label": y, "partner_image": xp}, step=0)
   with pytest.raises(ValueError, match="temperature must be > 0"):
     cskd(temperature=0.0)
   with pytest.raises(ValueError, match="weight must be >= 0"):

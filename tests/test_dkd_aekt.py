@@ -44,25 +44,36 @@ def _teacher(outputs, batch, hooks):
   return jnp.asarray(TEACHER)
 
 
-def _run(method, state=None, epoch=0, logits=STUDENT):
+def _run(method, state=None, step=0, logits=STUDENT):
   state = method.init(None) if state is None else state
-  return jax.jit(lambda s, z, e: method.update(s, {"logits": z}, {"label": LABELS}, step=0,
-                                               epoch=e))(state, jnp.asarray(logits), epoch)
+  return jax.jit(lambda s, z, t: method.update(s, {"logits": z}, {"label": LABELS}, step=t))(
+      state, jnp.asarray(logits), jnp.asarray(step))
 
 
 def test_warmup_factor_counts_epochs_from_one_like_mdistiller():
-  np.testing.assert_allclose([warmup_factor(e, 20.0) for e in (0, 9, 19, 40)],
-                             [0.05, 0.5, 1.0, 1.0], rtol=1e-6)
-  assert float(warmup_factor(0, 0.0)) == 1.0
+  # 10 steps per epoch: steps 0-9 are epoch 0 (weight 1/20 as mdistiller's epoch 1), ...
+  np.testing.assert_allclose([warmup_factor(s, 10, 20.0) for s in (0, 9, 90, 199, 400)],
+                             [0.05, 0.05, 0.5, 1.0, 1.0], rtol=1e-6)
+  assert float(warmup_factor(0, None, 0.0)) == 1.0
 
 
-@pytest.mark.parametrize("epoch,expected_warmup", [(0, 0.25), (5, 1.0)])
-def test_dkd_is_ce_plus_warmed_up_alpha_tckd_beta_nckd(epoch, expected_warmup):
+def test_epoch_schedules_need_steps_per_epoch():
+  for build in (lambda **kw: methods.dkd(_teacher, **kw),
+                lambda **kw: methods.aekt(_teacher, 4, **kw)):
+    with pytest.raises(ValueError, match="needs steps_per_epoch"):
+      build()
+    with pytest.raises(ValueError, match="needs steps_per_epoch"):
+      build(steps_per_epoch=0)
+    build(warmup_epochs=0)  # no schedule, nothing to count
+
+
+@pytest.mark.parametrize("step,expected_warmup", [(0, 0.25), (2, 0.25), (3, 0.5), (17, 1.0)])
+def test_dkd_is_ce_plus_warmed_up_alpha_tckd_beta_nckd(step, expected_warmup):
   tckd, nckd = _tckd_nckd(STUDENT, TEACHER, LABELS, 2.0)
   expected = 0.5 * _ce(STUDENT, LABELS) + expected_warmup * (1.5 * tckd + 3.0 * nckd)
-  method = methods.dkd(_teacher, alpha=1.5, beta=3.0, temperature=2.0, warmup_epochs=4,
-                       ce_weight=0.5)
-  loss, _, metrics = _run(method, epoch=epoch)
+  method = methods.dkd(_teacher, steps_per_epoch=3, alpha=1.5, beta=3.0, temperature=2.0,
+                       warmup_epochs=4, ce_weight=0.5)
+  loss, _, metrics = _run(method, step=step)
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["dkd_warmup"], expected_warmup)
 
@@ -104,10 +115,10 @@ def test_aekt_head_gets_the_distillation_and_ce_stays_on_the_classifier():
   assert distill_after < distill_before
   # The backbone gradient flows through the head: d loss / d z includes the head's 2x.
   grad = jax.grad(lambda z: jnp.sum(method.update(
-      doubled, {"logits": z}, {"label": LABELS}, step=0, epoch=0)[0]))(jnp.asarray(STUDENT))
+      doubled, {"logits": z}, {"label": LABELS}, step=0)[0]))(jnp.asarray(STUDENT))
   expected_grad = jax.grad(lambda z: jnp.sum(
       methods.dkd(_teacher, warmup_epochs=0).update(
-          (), {"logits": 2 * z}, {"label": LABELS}, step=0, epoch=0)[0]
+          (), {"logits": 2 * z}, {"label": LABELS}, step=0)[0]
       - optax.softmax_cross_entropy_with_integer_labels(2 * z, LABELS)
       + optax.softmax_cross_entropy_with_integer_labels(z, LABELS)))(jnp.asarray(STUDENT))
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
@@ -135,8 +146,8 @@ def test_network_teacher_runs_the_hook_on_the_images_and_refuses_without_one():
 @pytest.mark.parametrize("build,message", [
     (lambda: methods.dkd(_teacher, temperature=0.0), "temperature"),
     (lambda: methods.dkd(_teacher, warmup_epochs=-1), "warmup_epochs"),
-    (lambda: methods.aekt(_teacher, 4, weight_fn="square"), "weight_fn"),
-    (lambda: methods.aekt(_teacher, 4, max_weight=0.0), "max_weight"),
+    (lambda: methods.aekt(_teacher, 4, steps_per_epoch=1, weight_fn="square"), "weight_fn"),
+    (lambda: methods.aekt(_teacher, 4, steps_per_epoch=1, max_weight=0.0), "max_weight"),
     (lambda: methods.tfkd_self(_teacher, variant="x"), "variant"),
 ])
 def test_bad_arguments_are_one_line_errors(build, message):

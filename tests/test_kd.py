@@ -30,7 +30,7 @@ def test_kd_with_soft_label_teacher_matches_numpy(alpha, temperature):
   expected = (1 - alpha) * ce + alpha * temperature**2 * kl
   method = _method(alpha=alpha, temperature=temperature)
   got, _, metrics = jax.jit(lambda z: method.update((), {"logits": z}, {"label": LABELS},
-                                                    step=0, epoch=0))(jnp.asarray(LOGITS))
+                                                    step=0))(jnp.asarray(LOGITS))
   np.testing.assert_allclose(got, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics["kd_distill"], (temperature**2 * kl).mean(), rtol=1e-5)
 
@@ -38,8 +38,8 @@ def test_kd_with_soft_label_teacher_matches_numpy(alpha, temperature):
 def test_kd_teacher_gets_no_gradient():
   # A teacher computed from the student's own logits must not pass gradient back.
   method = methods.kd(lambda outputs, batch, hooks: outputs["logits"] * 2.0, alpha=1.0)
-  grad = jax.grad(lambda z: method.update((), {"logits": z}, {"label": LABELS}, step=0,
-                                          epoch=0)[0].sum())(jnp.asarray(LOGITS))
+  grad = jax.grad(lambda z: method.update((), {"logits": z}, {"label": LABELS}, step=0
+                                          )[0].sum())(jnp.asarray(LOGITS))
   probs = np.exp(log_softmax(LOGITS / 4.0))
   teacher = np.exp(log_softmax(2.0 * LOGITS / 4.0))
   np.testing.assert_allclose(grad, 4.0 * (probs - teacher), rtol=1e-5, atol=1e-6)

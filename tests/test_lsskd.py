@@ -112,13 +112,13 @@ def test_constructor_validation():
                        ({"aux_weight": -1.0}, "aux_weight"),
                        ({"storage_dtype": jnp.float16}, "storage_dtype")]:
     with pytest.raises(ValueError, match=word):
-      lsskd(exits, N, C, E, **kwargs)
+      lsskd(exits, N, C, E, steps_per_epoch=1, **kwargs)
   with pytest.raises(ValueError, match="joint|rotation"):
-    lsskd(make_exits("byot", STAGES, D, C), N, C, E)  # C outputs, not 4C
+    lsskd(make_exits("byot", STAGES, D, C), N, C, E, steps_per_epoch=1)  # C outputs, not 4C
   with pytest.raises(ValueError, match="positive"):
-    lsskd(exits, 0, C, E)
+    lsskd(exits, 0, C, E, steps_per_epoch=1)
   with pytest.raises(ValueError, match="Exits"):
-    lsskd(object(), N, C, E)
+    lsskd(object(), N, C, E, steps_per_epoch=1)
 
 
 # ----------------------------------------------------------------------------- method
@@ -137,12 +137,12 @@ def setup():
   outputs = jax.tree.map(lambda x: jnp.asarray(_rotation_major(x)), ex)
   batch = {"label": jnp.asarray(LABELS), "index": jnp.asarray(INDEX)}
   exits = make_exits("hsakd", STAGES, D, C)  # 'conv' stage copies, a head on both stages
-  method = lsskd(exits, N, C, E)
+  method = lsskd(exits, N, C, E, steps_per_epoch=1)
   # Tables padded for 4 devices as the trainer does (main table: 18 -> 20 rows).
   state0 = methods.pad_tables(jax.jit(method.init)(jax.random.PRNGKey(1)), 4)
   update = jax.jit(method.update, static_argnames=("axis_name",))
-  loss1, state1, metrics1 = update(state0, outputs, batch, step=0, epoch=0)
-  loss2, state2, metrics2 = update(state1, outputs, batch, step=1, epoch=1)
+  loss1, state1, metrics1 = update(state0, outputs, batch, step=0)
+  loss2, state2, metrics2 = update(state1, outputs, batch, step=1)
 
   @jax.jit
   def heads_train(state, stage_features):
@@ -218,7 +218,7 @@ def test_gradients_and_the_heads_step(setup):
   def grads(exit_params, outputs):
     def mean_loss(exit_params, outputs):
       s = state0._replace(exit_params=exit_params)
-      return jnp.mean(method.update(s, outputs, batch, step=0, epoch=0)[0])
+      return jnp.mean(method.update(s, outputs, batch, step=0)[0])
     return jax.grad(mean_loss, argnums=(0, 1))(exit_params, outputs)
 
   g_exit, g_out = grads(state0.exit_params, setup["outputs"])
@@ -269,8 +269,9 @@ def test_exit_logits_pick_rotation_zero_columns(setup):
 
 def test_table_bytes():
   exits = make_exits("hsakd", STAGES, D, C)
-  fp32 = jax.eval_shape(lsskd(exits, N, C, E).init)
-  bf16 = jax.eval_shape(lsskd(exits, N, C, E, storage_dtype=jnp.bfloat16, main_pskd=False).init)
+  fp32 = jax.eval_shape(lsskd(exits, N, C, E, steps_per_epoch=1).init)
+  bf16 = jax.eval_shape(lsskd(exits, N, C, E, steps_per_epoch=1, storage_dtype=jnp.bfloat16,
+                              main_pskd=False).init)
   assert bf16.main_predictions is None
   assert all(t.rows.dtype == jnp.bfloat16 for t in bf16.aux_predictions)
   assert methods.table_bytes(fp32) == (N * C + 2 * R * N * R * C) * 4
@@ -290,14 +291,15 @@ def test_four_devices_match_one_device(setup, variant):
     method, state = setup["method"], setup["state1"]
     loss_1, state_1 = setup["loss2"], setup["state2"]  # the same step on one device
   else:
-    method = lsskd(setup["exits"], N, C, E, main_pskd=False, storage_dtype=jnp.bfloat16)
+    method = lsskd(setup["exits"], N, C, E, steps_per_epoch=1, main_pskd=False,
+                   storage_dtype=jnp.bfloat16)
     state = setup["state1"]._replace(
         main_predictions=None,
         aux_predictions=tuple(methods.PerExampleTable(t.rows.astype(jnp.bfloat16))
                               for t in setup["state1"].aux_predictions))
 
   def step(state, outputs, batch, axis_name):
-    return method.update(state, outputs, batch, step=1, epoch=1, axis_name=axis_name)
+    return method.update(state, outputs, batch, step=1, axis_name=axis_name)
 
   if variant == "ce_bf16":
     loss_1, state_1, _ = jax.jit(functools.partial(step, axis_name=None))(

@@ -13,9 +13,17 @@ from selfkd_jax import methods
 from numpy_reference import log_softmax, softmax
 
 
-def _update(method, state, logits, labels, index, epoch, axis_name=None):
+STEPS_PER_EPOCH = 5
+
+
+def _update(method, state, logits, labels, index, step, axis_name=None):
   return method.update(state, {"logits": logits}, {"label": labels, "index": index},
-                       step=jnp.asarray(0), epoch=jnp.asarray(epoch), axis_name=axis_name)
+                       step=jnp.asarray(step), axis_name=axis_name)
+
+
+def _pskd(num_examples, num_classes, total_epochs, **kwargs):
+  return methods.pskd(num_examples, num_classes, total_epochs, steps_per_epoch=STEPS_PER_EPOCH,
+                      **kwargs)
 
 
 def _mesh(n):
@@ -25,9 +33,9 @@ def _mesh(n):
 
 class TestPSKD:
 
-  def test_epoch_zero_is_one_hot_and_records_softmax(self):
+  def test_first_visit_is_one_hot_and_records_softmax(self):
     rng = np.random.default_rng(0)
-    method = methods.pskd(num_examples=6, num_classes=3, total_epochs=4, alpha_T=0.8)
+    method = _pskd(num_examples=6, num_classes=3, total_epochs=4, alpha_T=0.8)
     state = method.init()
     logits = rng.normal(size=(2, 3)).astype(np.float32)
     labels, index = np.array([2, 0]), np.array([4, 1])
@@ -40,15 +48,17 @@ class TestPSKD:
     np.testing.assert_array_equal(table[[0, 2, 3, 5]], 0.0)  # untouched rows
     np.testing.assert_allclose(metrics["pskd_alpha"], 0.8 * 1 / 4, rtol=1e-6)
 
-  def test_later_epoch_mixes_past_predictions(self):
+  @pytest.mark.parametrize("step", [3 * STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH + 4])
+  def test_later_epoch_mixes_past_predictions(self, step):
     rng = np.random.default_rng(1)
-    method = methods.pskd(num_examples=5, num_classes=4, total_epochs=10, alpha_T=0.8)
+    method = _pskd(num_examples=5, num_classes=4, total_epochs=10, alpha_T=0.8)
     past = softmax(rng.normal(size=(5, 4))).astype(np.float32)
     state = methods.PSKDState(methods.PerExampleTable(jnp.asarray(past)))
     logits = rng.normal(size=(3, 4)).astype(np.float32)
     labels, index = np.array([1, 3, 0]), np.array([2, 0, 4])
-    loss, new_state, _ = _update(method, state, logits, labels, index, epoch=3)
-    alpha = 0.8 * (3 + 1) / 10
+    loss, new_state, metrics = _update(method, state, logits, labels, index, step=step)
+    alpha = 0.8 * (3 + 1) / 10  # epoch 3 of 10, from the step and steps_per_epoch
+    np.testing.assert_allclose(metrics["pskd_alpha"], alpha, rtol=1e-6)
     targets = (1 - alpha) * np.eye(4)[labels] + alpha * past[index]
     expected = -(targets * log_softmax(logits)).sum(-1)
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -56,35 +66,60 @@ class TestPSKD:
     np.testing.assert_allclose(new_rows[index], softmax(logits), rtol=1e-6)
     np.testing.assert_array_equal(new_rows[[1, 3]], past[[1, 3]])
 
+  def test_an_example_first_seen_in_a_later_epoch_gets_a_one_hot_target(self):
+    """The table, not the epoch, says an example is new: a row never written (a sampler that
+    skipped it in epoch 0) gives one-hot, not `(1 - α) onehot + α 0` (which sums to 1 - α)."""
+    rng = np.random.default_rng(5)
+    method = _pskd(num_examples=4, num_classes=3, total_epochs=4)
+    past = np.zeros((4, 3), np.float32)
+    past[1] = softmax(rng.normal(size=3))
+    state = methods.PSKDState(methods.PerExampleTable(jnp.asarray(past)))
+    logits = rng.normal(size=(2, 3)).astype(np.float32)
+    labels, index = np.array([2, 0]), np.array([3, 1])  # 3: never written; 1: written
+    loss, _, _ = _update(method, state, logits, labels, index, step=2 * STEPS_PER_EPOCH)
+    alpha = 0.8 * 3 / 4
+    log_p = log_softmax(logits)
+    expected = [-log_p[0, 2],
+                -(((1 - alpha) * np.eye(3)[0] + alpha * past[1]) * log_p[1]).sum()]
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+  def test_alpha_never_exceeds_alpha_T(self):
+    """Steps past the schedule (a longer run, epochs counted from 1) keep alpha at alpha_T."""
+    method = _pskd(num_examples=2, num_classes=2, total_epochs=3, alpha_T=0.6)
+    state = method.init()
+    alphas = [float(_update(method, state, jnp.zeros((1, 2)), jnp.array([0]), jnp.array([0]),
+                            step=epoch * STEPS_PER_EPOCH)[2]["pskd_alpha"])
+              for epoch in range(6)]
+    np.testing.assert_allclose(alphas, [0.2, 0.4, 0.6, 0.6, 0.6, 0.6], rtol=1e-6)
+
   def test_no_gradient_flows_into_past_predictions(self):
-    method = methods.pskd(num_examples=3, num_classes=3, total_epochs=2)
+    method = _pskd(num_examples=3, num_classes=3, total_epochs=2)
     labels, index = jnp.array([0, 1]), jnp.array([0, 2])
     logits = jnp.array([[1.0, 2.0, 0.5], [0.1, -1.0, 2.0]])
 
     def loss_of_table(rows):
       state = methods.PSKDState(methods.PerExampleTable(rows))
-      return _update(method, state, logits, labels, index, epoch=1)[0].sum()
+      return _update(method, state, logits, labels, index, step=STEPS_PER_EPOCH)[0].sum()
 
     grad = jax.grad(loss_of_table)(jnp.full((3, 3), 1 / 3))
     np.testing.assert_array_equal(grad, 0.0)
 
   def test_bfloat16_storage(self):
-    method = methods.pskd(num_examples=4, num_classes=3, total_epochs=2,
-                          storage_dtype=jnp.bfloat16)
+    method = _pskd(num_examples=4, num_classes=3, total_epochs=2, storage_dtype=jnp.bfloat16)
     state = method.init()
     assert state.past_predictions.rows.dtype == jnp.bfloat16
     logits = jnp.array([[2.0, 0.0, -1.0]])
-    _, state, _ = _update(method, state, logits, jnp.array([0]), jnp.array([3]), epoch=0)
+    _, state, _ = _update(method, state, logits, jnp.array([0]), jnp.array([3]), step=0)
     np.testing.assert_allclose(np.asarray(state.past_predictions.rows[3], np.float32),
                                softmax(np.asarray(logits))[0], rtol=1e-2)
 
   def test_epoch_end_eval_refresh_leaves_table_during_steps(self):
-    method = methods.pskd(num_examples=4, num_classes=2, total_epochs=2,
-                          refresh="epoch_end_eval")
+    method = _pskd(num_examples=4, num_classes=2, total_epochs=2, refresh="epoch_end_eval")
     assert method.refresh is not None
     state = method.init()
     logits = jnp.array([[1.0, -1.0]])
-    _, state, _ = _update(method, state, logits, jnp.array([0]), jnp.array([2]), epoch=1)
+    _, state, _ = _update(method, state, logits, jnp.array([0]), jnp.array([2]),
+                          step=STEPS_PER_EPOCH)
     np.testing.assert_array_equal(state.past_predictions.rows, 0.0)
     state = method.refresh(state, {"logits": logits}, {"index": jnp.array([2])})
     np.testing.assert_allclose(state.past_predictions.rows[2], softmax(np.array([1.0, -1.0])),
@@ -92,9 +127,66 @@ class TestPSKD:
 
   def test_bad_arguments(self):
     with pytest.raises(ValueError, match="alpha_T"):
-      methods.pskd(10, 3, 5, alpha_T=1.5)
+      _pskd(10, 3, 5, alpha_T=1.5)
     with pytest.raises(ValueError, match="refresh"):
-      methods.pskd(10, 3, 5, refresh="sometimes")
+      _pskd(10, 3, 5, refresh="sometimes")
+    for bad in (None, 0, 2.5, True):
+      with pytest.raises(ValueError, match="pskd: the alpha schedule needs steps_per_epoch"):
+        methods.pskd(10, 3, 5, steps_per_epoch=bad)
+    methods.pskd(10, 3, 5, steps_per_epoch=np.int64(4))  # numpy integers are integers
+
+
+class TestIndexChecks:
+
+  def test_out_of_range_index_is_silent_by_default_and_an_error_when_checked(self):
+    method = _pskd(num_examples=4, num_classes=2, total_epochs=2)
+    args = (method.init(), jnp.zeros((2, 2)), jnp.array([0, 1]))
+    bad, good = jnp.array([1, 4]), jnp.array([1, 3])  # 4: a 1-based index past the end
+    jax.block_until_ready(jax.jit(functools.partial(_update, method))(*args, bad, 0))
+    methods.set_index_checks(True)
+    try:
+      checked = jax.jit(functools.partial(_update, method))
+      jax.block_until_ready(checked(*args, good, 0))
+      with pytest.raises(Exception, match=r"batch\['index'\] holds 4, outside the table's "
+                                          r"rows 0\.\.3"):
+        jax.block_until_ready(checked(*args, bad, 0))
+      # Sharded over 4 devices: the range is the whole table's (8 rows when padded to 8).
+      mesh = _mesh(4)
+      state = methods.shard_state(_pskd(num_examples=8, num_classes=2, total_epochs=2).init(),
+                                  mesh)
+      spec = methods.partition_specs(state)
+      sharded = jax.jit(jax.shard_map(
+          lambda s, z, y, i: _update(method, s, z, y, i, 0, axis_name="data")[0], mesh=mesh,
+          in_specs=(spec, P("data"), P("data"), P("data")), out_specs=P("data"),
+          check_vma=False))
+      z, y = jnp.zeros((4, 2)), jnp.zeros((4,), jnp.int32)
+      jax.block_until_ready(sharded(state, z, y, jnp.array([7, 0, 5, 2])))
+      with pytest.raises(Exception, match="holds 8, outside the table's rows 0..7"):
+        jax.block_until_ready(sharded(state, z, y, jnp.array([7, 8, 5, 2])))
+    finally:
+      methods.set_index_checks(False)
+
+
+class TestMethodIsStatic:
+
+  def test_hashable_static_argument_and_closure(self):
+    method = _pskd(num_examples=4, num_classes=2, total_epochs=2)
+    assert hash(method) == hash(method) and method == method
+    state = method.init()
+    args = (jnp.zeros((1, 2)), jnp.array([0]), jnp.array([1]), 0)
+    as_static = jax.jit(_update, static_argnames="method")(method=method, state=state,
+                                                           logits=args[0], labels=args[1],
+                                                           index=args[2], step=args[3])
+    closed = jax.jit(functools.partial(_update, method))(state, *args)
+    for a, b in zip(jax.tree.leaves(as_static), jax.tree.leaves(closed)):
+      np.testing.assert_array_equal(a, b)
+
+  def test_tracing_a_method_says_what_to_do(self):
+    method = methods.cross_entropy()
+    with pytest.raises(TypeError, match="static value.*static_argnames.*pytree_node=False"):
+      jax.jit(lambda m, x: x)(method, 1.0)
+    with pytest.raises(TypeError, match="static value"):
+      jax.tree.leaves({"method": method})
 
 
 class TestShardedTables:
@@ -134,20 +226,22 @@ class TestShardedTables:
   @pytest.mark.cross_device
   def test_pskd_update_on_four_devices_equals_one(self):
     rng = np.random.default_rng(3)
-    method = methods.pskd(num_examples=16, num_classes=5, total_epochs=4)
+    method = _pskd(num_examples=16, num_classes=5, total_epochs=4)
     past = softmax(rng.normal(size=(16, 5))).astype(np.float32)
     state = methods.PSKDState(methods.PerExampleTable(jnp.asarray(past)))
     logits = jnp.asarray(rng.normal(size=(8, 5)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 5, 8), jnp.int32)
     index = jnp.asarray(rng.permutation(16)[:8], jnp.int32)
 
-    single_loss, single_state, _ = _update(method, state, logits, labels, index, epoch=2)
+    step = 2 * STEPS_PER_EPOCH
+    single_loss, single_state, _ = _update(method, state, logits, labels, index, step)
 
     mesh = _mesh(4)
     spec = methods.partition_specs(state)
 
     def body(state, logits, labels, index):
-      loss, new_state, _ = _update(method, state, logits, labels, index, 2, axis_name="data")
+      loss, new_state, _ = _update(method, state, logits, labels, index, step,
+                                   axis_name="data")
       return loss, new_state
 
     sharded = jax.jit(jax.shard_map(body, mesh=mesh,
@@ -186,16 +280,19 @@ class TestBaselinesAndCombine:
     np.testing.assert_allclose(ls_ex, -(targets * log_p).sum(-1), rtol=1e-6)
 
   def test_combine_weights_states_and_metric_names(self):
-    pskd = methods.pskd(num_examples=4, num_classes=3, total_epochs=2)
+    pskd = _pskd(num_examples=4, num_classes=3, total_epochs=2)
     method = methods.combine([1.0, 0.5, 2.0], methods.cross_entropy(), pskd, pskd)
-    state = method.init()
+    past = np.array([0.2, 0.5, 0.3], np.float32)  # example 1's past prediction in both tables
+    table = methods.PSKDState(methods.PerExampleTable(jnp.zeros((4, 3)).at[1].set(past)))
+    state = (method.init()[0], table, table)
     logits = jnp.array([[1.0, 0.0, -1.0]])
     labels, index = jnp.array([2]), jnp.array([1])
-    loss, new_state, metrics = _update(method, state, logits, labels, index, epoch=1)
-    ce = -log_softmax(np.asarray(logits))[0, 2]
-    # Epoch 1 with empty past predictions (zeros): pskd target = (1 - alpha) onehot.
-    alpha = 0.8 * 2 / 2
-    expected = ce + 0.5 * (1 - alpha) * ce + 2.0 * (1 - alpha) * ce
+    loss, new_state, metrics = _update(method, state, logits, labels, index, STEPS_PER_EPOCH)
+    log_p = log_softmax(np.asarray(logits))[0]
+    ce = -log_p[2]
+    alpha = 0.8 * 2 / 2  # epoch 1 of 2
+    pskd_loss = -(((1 - alpha) * np.eye(3)[2] + alpha * past) * log_p).sum()
+    expected = ce + 0.5 * pskd_loss + 2.0 * pskd_loss
     np.testing.assert_allclose(loss, [expected], rtol=1e-5)
     assert len(new_state) == 3
     np.testing.assert_allclose(new_state[1].past_predictions.rows[1],

@@ -51,7 +51,7 @@ def _marker_vars(value):
 def _step(method, state, variables, step, logits=LOGITS, forward=_linear_forward):
   hooks = MethodHooks(forward=forward, variables=variables, images=jnp.asarray(IMAGES))
   return method.update(state, {"logits": jnp.asarray(logits)}, {"label": jnp.asarray(LABELS)},
-                       step=step, epoch=0, hooks=hooks)
+                       step=step, hooks=hooks)
 
 
 def test_plain_ce_before_the_first_snapshot():
@@ -236,7 +236,7 @@ def test_no_gradient_flows_into_the_snapshot():
     logits = _linear_forward(variables, jnp.asarray(IMAGES), train=True)["logits"] + LOGITS
     hooks = MethodHooks(forward=_linear_forward, variables=variables, images=jnp.asarray(IMAGES))
     loss, _, _ = method.update(method.init(), {"logits": logits}, {"label": jnp.asarray(LABELS)},
-                               step=5, epoch=0, hooks=hooks)
+                               step=5, hooks=hooks)
     return loss.sum()
 
   q = jnp.asarray(softmax(_np_linear(base) / temperature), jnp.float32)
@@ -280,7 +280,7 @@ def test_mismatched_variables_are_rejected():
   with pytest.raises(ValueError, match="tree"):
     _step(method, method.init(), {"params": _linear_vars(0)["params"]}, 1)
   with pytest.raises(ValueError, match="needs hooks"):
-    method.update(method.init(), {"logits": LOGITS}, {"label": LABELS}, step=1, epoch=0)
+    method.update(method.init(), {"logits": LOGITS}, {"label": LABELS}, step=1)
 
 
 @pytest.mark.parametrize("kwargs,message", [

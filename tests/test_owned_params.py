@@ -46,13 +46,13 @@ def _build(name):
     exits = CountingExits(make_exits("byot", STAGES, D, C))
     return exits, byot(exits, feature_norm="batch"), _outputs(B, jax.random.PRNGKey(0)), batch
   exits = CountingExits(make_exits("hsakd", STAGES, D, C))
-  method = lsskd(exits, N, C, num_epochs=3)
+  method = lsskd(exits, N, C, num_epochs=3, steps_per_epoch=1)
   return exits, method, _outputs(4 * B, jax.random.PRNGKey(0)), batch
 
 
 def _own_step(method, state, outputs, batch, epoch):
   def mean_loss(outputs):
-    loss, new_state, _ = method.update(state, outputs, batch, step=epoch, epoch=epoch)
+    loss, new_state, _ = method.update(state, outputs, batch, step=epoch)
     return jnp.mean(loss), new_state
   (loss, new_state), grads = jax.value_and_grad(mean_loss, has_aux=True)(outputs)
   return loss, grads, new_state
@@ -63,7 +63,7 @@ def _caller_step(method, state, outputs, batch, epoch):
 
   def mean_loss(outputs, owned_params):
     loss, new_state, _ = method.update(owned.put(state, owned_params), outputs, batch,
-                                       step=epoch, epoch=epoch,
+                                       step=epoch,
                                        hooks=MethodHooks(owned_differentiated=True))
     return jnp.mean(loss), new_state
   (loss, new_state), (grads, owned_grads) = jax.value_and_grad(

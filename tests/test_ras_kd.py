@@ -89,7 +89,7 @@ def _jit_update(method, axis_name=None):
 
   def run(state, logits, features, labels):
     return method.update(state, {"logits": logits, "features": features}, {"label": labels},
-                         step=jnp.asarray(0), epoch=jnp.asarray(0), axis_name=axis_name)
+                         step=jnp.asarray(0), axis_name=axis_name)
 
   return jax.jit(run)
 
@@ -267,7 +267,7 @@ def test_no_gradient_through_prototypes_or_aux_head(mode):
 
   def loss_of(features, state):
     loss, _, _ = method.update(state, {"logits": logits, "features": features}, batch,
-                               step=0, epoch=0)
+                               step=0)
     return jnp.sum(loss)
 
   grad_features, grad_state = jax.jit(jax.grad(loss_of, argnums=(0, 1), allow_int=True))(
@@ -290,7 +290,7 @@ def test_no_gradient_through_prototypes_or_aux_head(mode):
   def method_loss(params):
     logits, features = model(params)
     loss, _, _ = method.update(state, {"logits": logits, "features": features}, batch,
-                               step=0, epoch=0)
+                               step=0)
     return jnp.mean(loss)
 
   _, features = model(params)
@@ -333,7 +333,7 @@ def test_four_devices_equal_one(mode):
       logits = features @ params["head"]
       loss, new_state, metrics = method.update(
           state, {"logits": logits, "features": features}, {"label": labels},
-          step=jnp.asarray(0), epoch=jnp.asarray(0), axis_name=axis_name)
+          step=jnp.asarray(0), axis_name=axis_name)
       return jnp.mean(loss), (loss, new_state, metrics)
 
     (_, (loss, new_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -365,22 +365,22 @@ def test_four_devices_equal_one(mode):
   assert np.abs(np.asarray(state_1.prototypes)).max() > 0
 
 
-def test_traced_step_and_epoch_do_not_retrace_and_bfloat16_inputs():
+def test_traced_step_does_not_retrace_and_bfloat16_inputs():
   method = ras_kd(C, D, instance_weight=1.0)
   traces = []
 
   @jax.jit
-  def run(state, logits, features, labels, step, epoch):
+  def run(state, logits, features, labels, step):
     traces.append(None)
     return method.update(state, {"logits": logits, "features": features}, {"label": labels},
-                         step=step, epoch=epoch)
+                         step=step)
 
   state = method.init(jax.random.PRNGKey(0))
   labels = jnp.array([0, 1, 2, 3])
   logits, features = _data(18, 4)
   logits, features = jnp.asarray(logits, jnp.bfloat16), jnp.asarray(features, jnp.bfloat16)
   for step in range(3):
-    loss, state, _ = run(state, logits, features, labels, jnp.asarray(step), jnp.asarray(step // 2))
+    loss, state, _ = run(state, logits, features, labels, jnp.asarray(step))
   assert len(traces) == 1
   assert loss.dtype == jnp.float32 and np.all(np.isfinite(loss))
   assert all(leaf.dtype in (jnp.float32, jnp.bool_, jnp.int32)
@@ -411,7 +411,7 @@ def test_missing_or_mismatched_features():
   logits, features = _data(19, 2)
   labels = jnp.array([0, 1])
   with pytest.raises(ValueError, match="features"):
-    method.update(state, {"logits": logits}, {"label": labels}, step=0, epoch=0)
+    method.update(state, {"logits": logits}, {"label": labels}, step=0)
   with pytest.raises(ValueError, match="feature_dim"):
     method.update(state, {"logits": logits, "features": features[:, :2]}, {"label": labels},
-                  step=0, epoch=0)
+                  step=0)

@@ -378,7 +378,7 @@ def test_reffakd_loss_matches_numpy(variant):
   alpha, temperature = 0.3, 4.0
   method = reffakd_method(soft, alpha=alpha, temperature=temperature, variant=variant)
   loss, state, metrics = jax.jit(lambda z, y: method.update(
-      method.init(), {'logits': z}, {'label': y}, step=0, epoch=0))(
+      method.init(), {'logits': z}, {'label': y}, step=0))(
           jnp.asarray(logits, jnp.float32), jnp.asarray(labels))
 
   ce = -log_softmax(logits)[np.arange(6), labels]
@@ -407,7 +407,7 @@ def test_reffakd_checks_its_arguments():
     reffakd_method(soft, alpha=1.5)
   with pytest.raises(ValueError, match='has 7 classes'):
     reffakd_method(soft).update((), {'logits': jnp.zeros((2, 7))}, {'label': jnp.zeros(2, int)},
-                                step=0, epoch=0)
+                                step=0)
 
 
 def test_soft_label_teacher_returns_the_label_rows():

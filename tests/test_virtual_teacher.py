@@ -28,7 +28,7 @@ def _designed(y, c, a):
 
 
 def _run(method, logits=LOGITS, labels=LABELS):
-  update = jax.jit(lambda o, b: method.update(method.init(), o, b, step=0, epoch=0)[0])
+  update = jax.jit(lambda o, b: method.update(method.init(), o, b, step=0)[0])
   return np.asarray(update({"logits": jnp.asarray(logits)}, {"label": jnp.asarray(labels)}))
 
 
@@ -76,7 +76,7 @@ def test_lsrkd_at_t1_has_the_gradient_of_label_smoothing():
   lsrkd = virtual_teacher.lsrkd(alpha=0.3, temperature=1.0)
   smoothing = losses.smooth_labels(LABELS, 4, 0.3)
   np.testing.assert_allclose(
-      grad_of(lambda z: lsrkd.update((), {"logits": z}, {"label": LABELS}, step=0, epoch=0)[0]),
+      grad_of(lambda z: lsrkd.update((), {"logits": z}, {"label": LABELS}, step=0)[0]),
       grad_of(lambda z: losses.soft_cross_entropy(z, smoothing)), rtol=1e-5, atol=1e-7)
 
 

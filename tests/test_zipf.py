@@ -17,7 +17,7 @@ from selfkd_jax import models
 from selfkd_jax.methods.zipf import upsample_dense_logits, zipf
 from numpy_reference import log_softmax, softmax
 
-STEP, EPOCH = jnp.int32(0), jnp.int32(0)
+STEP = jnp.int32(0)
 
 # ----------------------------------------------------------------------- numpy references
 
@@ -92,7 +92,7 @@ def ref_method(logits, labels, weight, *, dense_logits=None, upsample=1):
 
 def run_update(method, outputs, labels):
   return jax.jit(lambda o, y: method.update(
-      method.init(), o, {'label': y}, step=STEP, epoch=EPOCH))(outputs, labels)
+      method.init(), o, {'label': y}, step=STEP))(outputs, labels)
 
 
 def dense_logits_with_votes(votes, num_classes, height, width, seed=0):
@@ -236,7 +236,7 @@ def test_method_targets_carry_no_gradient(dense):
 
   def mean_loss(z, d):
     loss, _, _ = method.update(method.init(), {'logits': z, 'dense_logits': d},
-                               {'label': labels}, step=STEP, epoch=EPOCH)
+                               {'label': labels}, step=STEP)
     return jnp.mean(loss)
 
   grad_z, grad_d = jax.jit(jax.grad(mean_loss, argnums=(0, 1)))(logits, dense_logits)
@@ -295,16 +295,16 @@ def test_method_does_not_retrace_across_steps():
   method = zipf()
 
   @jax.jit
-  def step_fn(outputs, labels, step, epoch):
+  def step_fn(outputs, labels, step):
     traces.append(None)
-    return method.update(method.init(), outputs, {'label': labels}, step=step, epoch=epoch)[0]
+    return method.update(method.init(), outputs, {'label': labels}, step=step)[0]
 
   rng = np.random.default_rng(7)
   outputs = {'logits': rng.normal(size=(2, 4)).astype(np.float32),
              'dense_logits': rng.normal(size=(2, 2, 2, 4)).astype(np.float32)}
   labels = np.array([1, 2], np.int32)
   for step in range(3):
-    step_fn(outputs, labels, jnp.int32(step), jnp.int32(step // 2))
+    step_fn(outputs, labels, jnp.int32(step))
   assert len(traces) == 1
 
 
@@ -335,7 +335,7 @@ def test_dense_logits_present_exactly_when_the_map_feeds_the_classifier(name):
     assert 'dense_logits' not in outputs
     with pytest.raises(ValueError, match="no 'dense_logits'"):
       jax.eval_shape(lambda o: zipf().update(zipf().init(), o, {'label': jnp.zeros(2, jnp.int32)},
-                                             step=STEP, epoch=EPOCH), outputs)
+                                             step=STEP), outputs)
   else:
     assert outputs['dense_logits'].shape == dense_shape
     assert outputs['dense_logits'].dtype == jnp.float32

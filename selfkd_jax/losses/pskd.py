@@ -13,11 +13,12 @@ def pskd_alpha(
   r"""PS-KD's linearly growing weight of the past predictions.
 
   .. math::
-    \alpha_e = \alpha_T \cdot (e + 1) / E,
+    \alpha_e = \alpha_T \cdot \min(e + 1, E) / E,
 
   with `e` the 0-indexed epoch and `E` the total number of epochs. This is the official
-  code's schedule (`faithful`); the paper writes `α_T · t / T`. It is not clipped: it reaches
-  `α_T` at the last epoch `e = E − 1`. docs/METHODS.md lists `α_T = 0.8` as the default.
+  code's schedule (`faithful`); the paper writes `α_T · t / T`. It reaches `α_T` at the last
+  epoch `e = E − 1` and stays there: an epoch past the schedule (a longer run, an epoch counted
+  from 1 by mistake) never gives more than `α_T`. docs/METHODS.md lists `α_T = 0.8` as the default.
 
   All arguments may be Python numbers or (traced) scalars; the function is jit-safe.
 
@@ -35,7 +36,7 @@ def pskd_alpha(
   """
   epoch = _common.to_float(epoch)
   total_epochs = _common.to_float(total_epochs)
-  return _common.to_float(alpha_T) * (epoch + 1.0) / total_epochs
+  return _common.to_float(alpha_T) * jnp.minimum(epoch + 1.0, total_epochs) / total_epochs
 
 
 def pskd_targets(

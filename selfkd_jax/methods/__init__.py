@@ -16,18 +16,21 @@ from selfkd_jax.methods.mrkd import MrKDState, mrkd
 from selfkd_jax.methods.owned_params import owned_exits, owned_params_step
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
                                             pad_tables, partition_specs, scatter_rows,
-                                            table_bytes)
+                                            set_index_checks, table_bytes)
 from selfkd_jax.methods.pskd import PSKDState, pskd
 from selfkd_jax.methods.ras_kd import RASKDState, ras_kd
 from selfkd_jax.methods.reffakd import reffakd, soft_label_teacher
+from selfkd_jax.methods.sharding import (from_pmap_layout, shard_state, state_shardings,
+                                         to_pmap_layout)
 from selfkd_jax.methods.virtual_teacher import lsrkd, tfkd_reg
 from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
     "aekt", "AEKTState", "byot", "ByotState", "combine", "create_table", "cross_entropy", "cskd",
-    "dkd", "EmptyState", "gather_rows", "kd", "label_smoothing", "label_teacher", "lsrkd", "lsskd",
-    "LSSKDState", "Method", "MethodHooks", "mrkd", "MrKDState", "network_teacher", "owned_exits",
-    "owned_params_step", "OwnedParams", "pad_tables", "partition_specs", "PerExampleTable", "pskd",
-    "PSKDState", "ras_kd", "RASKDState", "reffakd", "scatter_rows", "soft_label_teacher",
-    "stateless_init", "table_bytes", "tfkd_reg", "tfkd_self", "zipf",
+    "dkd", "EmptyState", "from_pmap_layout", "gather_rows", "kd", "label_smoothing",
+    "label_teacher", "lsrkd", "lsskd", "LSSKDState", "Method", "MethodHooks", "mrkd", "MrKDState",
+    "network_teacher", "owned_exits", "owned_params_step", "OwnedParams", "pad_tables",
+    "partition_specs", "PerExampleTable", "pskd", "PSKDState", "ras_kd", "RASKDState", "reffakd",
+    "scatter_rows", "set_index_checks", "shard_state", "soft_label_teacher", "state_shardings",
+    "stateless_init", "table_bytes", "tfkd_reg", "tfkd_self", "to_pmap_layout", "zipf",
 ]

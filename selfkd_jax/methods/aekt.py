@@ -38,7 +38,8 @@ def _target_prob(logits, labels, temperature):
   return jnp.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
 
 
-def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: float = 8.0,
+def aekt(teacher: TeacherFn, num_classes: int, *, steps_per_epoch: int | None = None,
+         alpha: float = 1.0, beta: float = 8.0,
          temperature: float = 4.0, warmup_epochs: float = 20.0, weight_fn: str = "ratio",
          max_weight: float = 1.0, serialization_head: bool = True,
          head_optimizer: optax.GradientTransformation | None = None) -> Method:
@@ -73,7 +74,7 @@ def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: floa
     teacher: `teacher(outputs, batch, hooks) -> [B, C]` teacher logits (a checkpoint through
       `kd.network_teacher()`, or ReffAKD soft labels as `log S_soft[y]`).
     num_classes: C (the head's size).
-    alpha, beta, temperature, warmup_epochs: as in `dkd`.
+    steps_per_epoch, alpha, beta, temperature, warmup_epochs: as in `dkd`.
     weight_fn: 'ratio' (adaptive, default) or 'constant'.
     max_weight: upper clip of the adaptive weight (> 0).
     serialization_head: use the task-serialization head (default True).
@@ -87,7 +88,7 @@ def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: floa
   References:
     AEKT, arXiv 2409.01679. Zhao et al., Decoupled Knowledge Distillation, arXiv 2203.08679.
   """
-  check_weights("aekt", alpha, beta, temperature, warmup_epochs)
+  check_weights("aekt", alpha, beta, temperature, warmup_epochs, steps_per_epoch)
   if weight_fn not in WEIGHT_FUNCTIONS:
     raise ValueError(f"aekt: weight_fn={weight_fn!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
   if max_weight <= 0:
@@ -119,11 +120,10 @@ def aekt(teacher: TeacherFn, num_classes: int, *, alpha: float = 1.0, beta: floa
                                            temperature=temperature)
     return per_example, weight
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     logits, labels = outputs["logits"], batch["label"]
     teacher_logits = lax.stop_gradient(teacher(outputs, batch, hooks))
-    warmup = warmup_factor(epoch, warmup_epochs)
+    warmup = warmup_factor(step, steps_per_epoch, warmup_epochs)
     distill, weight = distillation(state.head_params, logits, teacher_logits, labels, warmup)
     new_state = state
     if serialization_head:

@@ -1,22 +1,31 @@
 """The method contract: optax-style `init/update` transforms over explicit state pytrees.
 
-A method is a `Method(init, update, refresh)` of pure functions:
+A method is a `Method(init, update, ...)` of pure functions:
 
     state = method.init(rng)
     per_example_loss, state, metrics = method.update(
-        state, outputs, batch, step=step, epoch=epoch, axis_name=None, hooks=None)
+        state, outputs, batch, step=step, axis_name=None, hooks=None)
 
 - `outputs` is the model's output mapping; every method reads `outputs['logits']` ([B, C]) and
   some read more (`'features'`, `'feature_map'`, ...).
-- `batch` is a mapping with `'label'` (int [B]) and `'index'` (the dataset index, int [B], used
-  by methods with per-example state).
-- `step` and `epoch` are int scalars (traced inside a jitted step, so no retrace per epoch).
+- `batch` is a mapping with `'label'` (int [B], class ids `0..C-1`) and `'index'` (int [B]: each
+  example's position `0..N-1` in the training set, the same every epoch; methods with
+  per-example state key their rows by it, and indices within one global batch are distinct).
+- `step` is the **0-based optimizer step** of the update being computed: what Flax's
+  `TrainState.step` and optax count (0 for the first batch). A method that follows an epoch
+  schedule (PS-KD's alpha, DKD's warm-up) is given `steps_per_epoch` when it is built and
+  derives the epoch itself, so no caller can get the epoch base wrong. Traced inside a jitted
+  step, so there is no retrace per step or epoch.
 - `axis_name` is the named mesh axis when `update` runs inside `shard_map`/`pmap` (the trainer
   passes `'data'`), `None` on a single device. Methods use it for their collectives.
 - `hooks` is a `MethodHooks` carrying what a method needs from the model (a forward pass with
   other parameters, say); methods that need none ignore it.
 - The returned loss is per example ([B]); the caller averages it over the global batch.
 - `metrics` is a dict of scalars (already reduced over the local batch) for logging.
+
+A `Method` is a static value: hashable and not a pytree. Close over it, pass it as a static
+argument (`jax.jit(..., static_argnames='method')`), or keep it in a `flax.struct` field with
+`pytree_node=False`; passing it where JAX expects arrays raises a `TypeError` that says so.
 
 `refresh` is `None` for most methods. A method that rebuilds its state from a clean pass over
 the training data at the end of an epoch (PS-KD's `refresh='epoch_end_eval'`) sets it to
@@ -31,6 +40,8 @@ pass instead of letting `update` run the exits a second time for their own gradi
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
 
 import jax
@@ -56,7 +67,6 @@ class UpdateFn(Protocol):
       batch: Batch,
       *,
       step: jax.Array,
-      epoch: jax.Array,
       axis_name: str | None = None,
       hooks: Optional["MethodHooks"] = None,
   ) -> tuple[jax.Array, PyTree, Metrics]:
@@ -102,7 +112,7 @@ class OwnedParams(NamedTuple):
       def loss_fn(params, owned):
         outputs = model.apply(params, x)
         loss, new_state, metrics = method.update(
-            method.owned.put(state, owned), outputs, batch, step=step, epoch=epoch,
+            method.owned.put(state, owned), outputs, batch, step=step,
             hooks=MethodHooks(owned_differentiated=True))
         return loss.mean(), new_state
       (_, new_state), (grads, owned_grads) = jax.value_and_grad(
@@ -121,8 +131,12 @@ class OwnedParams(NamedTuple):
   apply_gradients: Callable[[PyTree, PyTree], PyTree]
 
 
-class Method(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Method:
   """A self-distillation method as a pair of pure functions (plus optional extras).
+
+  A static value (see the module docstring): frozen, hashable, compared by its functions, and
+  not a pytree.
 
   `exit_logits(state, outputs) -> {name: [B, C] logits}`: for methods that own auxiliary exits
   (BYOT, LSSKD), the exits' predictions from eval-mode model outputs, so evaluation can report
@@ -143,6 +157,27 @@ class Method(NamedTuple):
   exit_logits: Callable[..., dict[str, jax.Array]] | None = None
   train_inputs: Callable[[jax.Array], jax.Array] | None = None
   owned: OwnedParams | None = None
+
+
+def _refuse_to_flatten(method: Method):
+  raise TypeError(
+      "a selfkd_jax Method is a static value, not a pytree of arrays: close over it, pass it as "
+      "a static argument (jax.jit(f, static_argnames='method')), or keep it in a flax.struct "
+      "field declared with pytree_node=False")
+
+
+# Registered only so that tracing a method by mistake says what to do instead of failing on
+# "<function> is not a valid JAX type" somewhere inside it.
+jax.tree_util.register_pytree_node(Method, _refuse_to_flatten, lambda aux, children: None)
+
+
+def check_steps_per_epoch(name: str, steps_per_epoch: int | None, needed_for: str) -> None:
+  """Raises a ValueError naming `name` unless `steps_per_epoch` is a positive integer."""
+  if (steps_per_epoch is None or isinstance(steps_per_epoch, bool)
+      or not isinstance(steps_per_epoch, numbers.Integral) or steps_per_epoch < 1):
+    raise ValueError(
+        f"{name}: {needed_for} needs steps_per_epoch, the number of optimizer steps per epoch "
+        f"(e.g. len(train_set) // batch_size), as a positive int; got {steps_per_epoch!r}")
 
 
 class EmptyState(NamedTuple):

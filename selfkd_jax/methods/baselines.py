@@ -9,8 +9,8 @@ from selfkd_jax.methods.base import Method, stateless_init
 def cross_entropy() -> Method:
   """Plain cross-entropy, `L = -log softmax(z)_y`. Stateless."""
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name, hooks
     return losses.cross_entropy(outputs["logits"], batch["label"]), state, {}
 
   return Method(stateless_init, update)
@@ -30,8 +30,8 @@ def label_smoothing(epsilon: float = 0.1, *, exclude_target: bool = False) -> Me
   if not 0.0 <= epsilon <= 1.0:
     raise ValueError(f"label_smoothing: epsilon must be in [0, 1], got {epsilon}")
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name, hooks
     logits = outputs["logits"]
     targets = losses.smooth_labels(batch["label"], logits.shape[-1], epsilon,
                                    exclude_target=exclude_target)

@@ -36,12 +36,12 @@ def combine(weights: Sequence[float], *transforms: Method) -> Method:
   def init(rng=None):
     return tuple(t.init(rng) for t in transforms)
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     total, new_states, metrics = 0.0, [], {}
     seen = set()
     for position, (weight, transform, sub_state) in enumerate(zip(weights, transforms, state)):
       loss, sub_state, sub_metrics = transform.update(
-          sub_state, outputs, batch, step=step, epoch=epoch, axis_name=axis_name, hooks=hooks)
+          sub_state, outputs, batch, step=step, axis_name=axis_name, hooks=hooks)
       total = total + weight * loss
       new_states.append(sub_state)
       for name, value in sub_metrics.items():

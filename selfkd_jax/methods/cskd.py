@@ -62,8 +62,8 @@ def cskd(*, temperature: float = 4.0, weight: float = 1.0) -> Method:
   if not weight >= 0:
     raise ValueError(f"cskd: weight must be >= 0, got {weight}")
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name
     if "partner_image" not in batch:
       raise ValueError(_NO_PARTNERS)
     if hooks is None or hooks.forward is None or hooks.variables is None:

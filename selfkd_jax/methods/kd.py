@@ -76,8 +76,8 @@ def _teacher_distillation(teacher: TeacherFn, name: str, *, ce_weight: float,
                           kl_weight: Callable[[int], float], temperature: float) -> Method:
   """`ce_weight CE(z, y) + kl_weight(C) T^2 KL(softmax(z_t / T) || softmax(z / T))`."""
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name
     logits, labels = outputs["logits"], batch["label"]
     teacher_logits = jax.lax.stop_gradient(teacher(outputs, batch, hooks))
     distill = losses.distillation_kl(logits, teacher_logits, temperature)

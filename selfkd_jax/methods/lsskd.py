@@ -10,10 +10,10 @@ import optax
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method
+from selfkd_jax.methods.base import Method, check_steps_per_epoch
 from selfkd_jax.methods.owned_params import owned_exits, owned_params_step
-from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
-                                            scatter_rows)
+from selfkd_jax.methods.per_example import (PerExampleTable, create_table, first_visit_one_hot,
+                                            gather_rows, scatter_rows)
 
 ROTATIONS = 4  # 0, 90, 180, 270 degrees
 STORAGE_DTYPES = (jnp.float32, jnp.bfloat16)
@@ -131,7 +131,7 @@ def lsskd_aux_terms(logits: Sequence[jax.Array], features: Sequence[jax.Array],
 
 
 def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
-          alpha_T: float = 0.8, aux_alpha_T: float | None = None, temperature: float = 3.0,
+          steps_per_epoch: int, alpha_T: float = 0.8, aux_alpha_T: float | None = None, temperature: float = 3.0,
           aux_weight: float = 1.0, distill_weight: float = 1.0, feature_weight: float = 0.03,
           main_pskd: bool = True, storage_dtype: Any = jnp.float32,
           exit_optimizer: optax.GradientTransformation | None = None) -> Method:
@@ -153,11 +153,11 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
   - `main_b`, the model's own classifier on the un-rotated copy only (rows `:B`): PS-KD with
     its own past predictions, `soft_ce(z, (1-α_e)·onehot(y) + α_e·P[i])`, `P` refreshed every
     step (`methods.pskd` with `refresh='step'`: read this batch's rows, then write this
-    step's softmax); `α_e = alpha_T·(e+1)/E`; one-hot targets in epoch 0. Plain CE when
+    step's softmax); `α_e = alpha_T·min(e+1, E)/E`; one-hot targets on a first visit. Plain CE when
     `main_pskd=False`. The rotated copies give the main classifier no loss.
   - `l_r` (`lsskd_aux_terms`) on every row r (all four rotations): for each auxiliary head h,
     `aux_weight · soft_ce(z_h, (1-α'_e)·onehot(4y+k) + α'_e·P_h[4i+k])` with the head's own
-    past joint predictions (same schedule with `aux_alpha_T`, one-hot in epoch 0, refreshed
+    past joint predictions (same schedule with `aux_alpha_T`, one-hot on a first visit, refreshed
     every step), plus `feature_weight · ||adapter_h(f_h) - sg(f)||` with `f` the backbone's
     `outputs['features']` of the same rotated image; and for every head shallower than the
     deepest auxiliary head, `distill_weight · T² · KL(softmax(sg(z_deepest)/T) ||
@@ -198,6 +198,7 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
     num_examples: N, the training set size (dataset indices `0..N-1`).
     num_classes: C.
     num_epochs: E, the length of the PS-KD schedule.
+    steps_per_epoch: optimizer steps per epoch: `update`'s 0-based `step` gives the epoch.
     alpha_T: the main classifier's final share of past predictions, in [0, 1]. Default 0.8.
     aux_alpha_T: the same for the heads; None (default) = `alpha_T`.
     temperature: T > 0 of the deep-to-shallow KL. Default 3.
@@ -230,6 +231,7 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
   if num_examples <= 0 or num_classes <= 0 or num_epochs <= 0:
     raise ValueError(f"lsskd: num_examples, num_classes and num_epochs must be positive, got "
                      f"{num_examples}, {num_classes}, {num_epochs}")
+  check_steps_per_epoch("lsskd", steps_per_epoch, "the PS-KD schedule")
   if exits.num_outputs != ROTATIONS * num_classes:
     raise ValueError(f"lsskd: exits predict {exits.num_outputs} classes, the rotation task "
                      f"needs {ROTATIONS}·{num_classes} (make_exits('hsakd', ...))")
@@ -261,10 +263,9 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
     return LSSKDState(main, aux, variables["params"], variables["batch_stats"],
                       exit_optimizer.init(variables["params"]))
 
-  def past_targets(table, row_ids, labels, num_outputs, alpha, epoch, axis_name):
+  def past_targets(table, row_ids, labels, num_outputs, alpha, axis_name):
     past = gather_rows(table, row_ids, axis_name).astype(jnp.float32)
-    onehot = jax.nn.one_hot(labels, num_outputs, dtype=jnp.float32)
-    past = jnp.where(jnp.asarray(epoch) == 0, onehot, past)  # PS-KD: one-hot in epoch 0
+    past = first_visit_one_hot(past, labels, num_outputs)  # PS-KD: one-hot on a first visit
     return losses.pskd_targets(labels, past, alpha)
 
   def write(table, row_ids, logits, axis_name):
@@ -283,8 +284,8 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
                                      feature_weight=feature_weight, aux_weight=aux_weight)
     return per_row, (logits, updates["batch_stats"], terms)
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    epoch = jnp.asarray(step) // steps_per_epoch
     for key in ("logits", "features", "stage_features"):
       if key not in outputs:
         raise ValueError(f"lsskd: needs outputs[{key!r}]")
@@ -305,8 +306,7 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
     alpha = losses.pskd_alpha(epoch, num_epochs, alpha_T)
     main_table = state.main_predictions
     if main_pskd:
-      main_targets = past_targets(main_table, indices, labels, num_classes, alpha, epoch,
-                                  axis_name)
+      main_targets = past_targets(main_table, indices, labels, num_classes, alpha, axis_name)
       main_loss = losses.soft_cross_entropy(main_logits, main_targets)
       main_table = write(main_table, indices, main_logits, axis_name)
     else:
@@ -316,8 +316,8 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
     aux_alpha = losses.pskd_alpha(epoch, num_epochs, aux_alpha_T)
     joint = joint_labels(labels)
     row_ids = joint_row_ids(indices, num_examples)
-    targets = tuple(past_targets(table, row_ids, joint, joint_classes, aux_alpha, epoch,
-                                 axis_name) for table in state.aux_predictions)
+    targets = tuple(past_targets(table, row_ids, joint, joint_classes, aux_alpha, axis_name)
+                    for table in state.aux_predictions)
 
     # The backbone's loss: the heads with their current parameters, stage features live.
     per_row, (head_logits, new_stats, terms) = head_losses(

@@ -200,8 +200,8 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
                          f"variables_template has {shape}")
     return [lax.stop_gradient(leaf).astype(d) for leaf, d in zip(leaves, dtypes)]
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del epoch, axis_name  # snapshots of replicated variables are replicated: no collective
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del axis_name  # snapshots of replicated variables are replicated: no collective
     if hooks is None or hooks.forward is None or hooks.variables is None or hooks.images is None:
       raise ValueError("mrkd: needs hooks with forward, variables and images")
     logits, labels = outputs["logits"], batch["label"]

@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
@@ -81,6 +82,30 @@ def _owned_positions(table: PerExampleTable, indices: jax.Array, axis_name: str)
   return local, owned
 
 
+_index_checks = {"enabled": False}
+
+
+def set_index_checks(enabled: bool = True) -> None:
+  """Turns on (or off) a host-side check of every table read, for debugging a loop.
+
+  An index outside the table cannot raise inside a jitted step: XLA clamps the read and drops
+  the write, so a wrong `batch['index']` (1-based, or into another dataset) trains on the wrong
+  row without a word. With the check on, `gather_rows` passes the indices to the host
+  (`jax.debug.callback`) and the step fails with `IndexError: batch['index'] holds <i>, outside
+  the table's rows 0..<n-1>` (inside a `JaxRuntimeError`). Costs a device-to-host copy of the
+  indices per read. Takes effect when a step is next traced (re-jit after changing it).
+  """
+  _index_checks["enabled"] = bool(enabled)
+
+
+def _raise_if_out_of_range(indices, num_rows):
+  indices = np.asarray(indices)
+  bad = indices[(indices < 0) | (indices >= num_rows)]
+  if bad.size:
+    raise IndexError(f"batch['index'] holds {int(bad[0])}, outside the table's rows "
+                     f"0..{int(num_rows) - 1}; indices are 0-based positions in the training set")
+
+
 def gather_rows(table: PerExampleTable, indices: jax.Array,
                 axis_name: str | None = None) -> jax.Array:
   """Rows `table[indices]` for this device's examples, in the table's dtype.
@@ -90,6 +115,12 @@ def gather_rows(table: PerExampleTable, indices: jax.Array,
     indices: dataset indices of this device's examples, `[b]`.
     axis_name: the mesh axis the table is sharded over, or `None`.
   """
+  if _index_checks["enabled"]:
+    # Sharded: every device checks the whole global batch, so all of them stop together
+    # instead of one leaving the others waiting in the row exchange.
+    checked = indices if axis_name is None else lax.all_gather(indices, axis_name, tiled=True)
+    num_rows = table.rows.shape[0] * (1 if axis_name is None else lax.psum(1, axis_name))
+    jax.debug.callback(_raise_if_out_of_range, checked, num_rows)
   if axis_name is None:
     return table.rows[indices]
   local, owned = _owned_positions(table, indices, axis_name)
@@ -120,3 +151,14 @@ def table_bytes(state: Any, num_shards: int = 1) -> int:
   """Bytes of all per-example tables in `state` held by one of `num_shards` devices."""
   tables = [x for x in jax.tree.leaves(state, is_leaf=_is_table) if _is_table(x)]
   return sum(t.rows.size * t.rows.dtype.itemsize for t in tables) // num_shards
+
+
+def first_visit_one_hot(past: jax.Array, labels: jax.Array, num_classes: int) -> jax.Array:
+  """Past prediction rows `[B, C]` with never-written rows replaced by `onehot(labels)`.
+
+  Tables start at zero and every write is a probability row (sum 1; bfloat16 storage keeps the
+  sum within 1%), so a row summing to less than 1/2 has never been written.
+  """
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=past.dtype)
+  written = jnp.sum(past, axis=-1, keepdims=True) > 0.5
+  return jnp.where(written, past, onehot)

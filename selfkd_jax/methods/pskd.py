@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method
-from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gather_rows,
-                                            scatter_rows)
+from selfkd_jax.methods.base import Method, check_steps_per_epoch
+from selfkd_jax.methods.per_example import (PerExampleTable, create_table, first_visit_one_hot,
+                                            gather_rows, scatter_rows)
 
 REFRESH_MODES = ("step", "epoch_end_eval")
 
@@ -20,18 +20,24 @@ class PSKDState(NamedTuple):
   past_predictions: PerExampleTable
 
 
-def pskd(num_examples: int, num_classes: int, total_epochs: int, *, alpha_T: float = 0.8,
-         refresh: str = "step", storage_dtype: Any = jnp.float32) -> Method:
+def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_epoch: int,
+         alpha_T: float = 0.8, refresh: str = "step", storage_dtype: Any = jnp.float32
+         ) -> Method:
   """Progressive self-knowledge distillation.
 
   The model's own past predictions become a growing share of its targets:
 
-      alpha_e = alpha_T * (e + 1) / E
+      e       = step // steps_per_epoch                  (0-indexed epoch of the 0-based step)
+      alpha_e = alpha_T * min(e + 1, E) / E
       q_i     = (1 - alpha_e) * onehot(y_i) + alpha_e * sg(P[i])
       L_i     = -sum_k q_ik log softmax(z_i)_k
 
-  `P[i]` is example `i`'s prediction from the previous epoch. In epoch 0 the target is exactly
-  one-hot, as in the official code (it writes one-hot rows into `P` before using them).
+  `P[i]` is example `i`'s last recorded prediction (from the previous epoch). On an example's
+  first visit its row has never been written, and the target is exactly one-hot, as in the
+  official code's epoch 0 (it writes one-hot rows into `P` before using them): the table itself
+  says so (a written row is a probability vector, an unwritten one is zero), not an epoch number,
+  so a sampler that skips an example in epoch 0 cannot mix zeros into its target. Past the
+  schedule's last epoch alpha stays at `alpha_T`.
 
   Variants (`refresh`):
     'step' (faithful, default): after each step `P[i] <- softmax(z_i)` from the same forward
@@ -50,12 +56,13 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, alpha_T: flo
     num_examples: size of the training set (dataset indices are `0..num_examples-1`).
     num_classes: number of classes.
     total_epochs: `E`, the length of the schedule.
+    steps_per_epoch: optimizer steps per epoch: `update`'s 0-based `step` gives the epoch.
     alpha_T: the final share of past predictions, in [0, 1]. Default 0.8.
     refresh: 'step' or 'epoch_end_eval'.
     storage_dtype: dtype of `P`.
 
   Returns:
-    A `Method`; `update` needs `batch['label']` and `batch['index']`.
+    A `Method`; `update` needs `batch['label']` and `batch['index']` (`0..num_examples-1`).
 
   References:
     Kim, Ji, Yoon, Hwang. Self-Knowledge Distillation with Progressive Refinement of Targets.
@@ -65,6 +72,7 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, alpha_T: flo
     raise ValueError(f"pskd: alpha_T must be in [0, 1], got {alpha_T}")
   if total_epochs <= 0:
     raise ValueError(f"pskd: total_epochs must be positive, got {total_epochs}")
+  check_steps_per_epoch("pskd", steps_per_epoch, "the alpha schedule")
   if refresh not in REFRESH_MODES:
     raise ValueError(f"pskd: unknown refresh {refresh!r}; allowed: {', '.join(REFRESH_MODES)}")
 
@@ -76,13 +84,12 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, alpha_T: flo
     probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
     return PSKDState(scatter_rows(state.past_predictions, indices, probs, axis_name))
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del hooks
     logits, labels = outputs["logits"], batch["label"]
-    alpha = losses.pskd_alpha(epoch, total_epochs, alpha_T)
+    alpha = losses.pskd_alpha(jnp.asarray(step) // steps_per_epoch, total_epochs, alpha_T)
     past = gather_rows(state.past_predictions, batch["index"], axis_name).astype(jnp.float32)
-    onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    past = jnp.where(jnp.asarray(epoch) == 0, onehot, past)
+    past = first_visit_one_hot(past, labels, num_classes)
     loss = losses.soft_cross_entropy(logits, losses.pskd_targets(labels, past, alpha))
     if refresh == "step":
       state = write_predictions(state, logits, batch["index"], axis_name)

@@ -180,8 +180,8 @@ def ras_kd(num_classes: int, feature_dim: int, *, epsilon: float = 0.1,
     updated = jnp.where(state.class_seen[:, None], decayed, means)
     return jnp.where(present[:, None], updated, state.prototypes), present
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, hooks
     if "features" not in outputs:
       raise ValueError("ras_kd: needs outputs['features'] (the penultimate features, [B, d])")
     logits, labels = outputs["logits"], batch["label"]

@@ -121,8 +121,8 @@ def reffakd(soft_labels, *, alpha: float = 0.5, temperature: float = 1.0,
   entropies = jnp.asarray(-np.sum(np.where(rows > 0, rows * np.log(safe_rows), 0.0), axis=1),
                           dtype=jnp.float32)
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name, hooks
     logits, labels = outputs["logits"], batch["label"]
     if logits.shape[-1] != num_classes:
       raise ValueError(f"reffakd: the model has {logits.shape[-1]} classes but soft_labels "

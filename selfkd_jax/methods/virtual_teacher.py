@@ -69,8 +69,8 @@ def tfkd_reg(*, alpha: float = 0.1, temperature: float = 20.0, correct_prob: flo
     raise ValueError(f"tfkd_reg: unknown variant {variant!r}; allowed: "
                      f"{', '.join(TFKD_VARIANTS)}")
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name, hooks
     logits, labels = outputs["logits"], batch["label"]
     num_classes = logits.shape[-1]
     designed = losses.corrected_uniform(labels, num_classes, correct_prob)
@@ -118,8 +118,8 @@ def lsrkd(*, alpha: float = 0.1, temperature: float = 2.0, beta: float | None = 
   if beta is not None:
     _check_unit("lsrkd: beta", beta)
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name, hooks
     logits, labels = outputs["logits"], batch["label"]
     num_classes = logits.shape[-1]
     if beta is None:

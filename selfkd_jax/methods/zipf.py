@@ -97,8 +97,8 @@ def zipf(*, weight: float = 0.1, dense: bool = True, upsample: int = 2) -> Metho
   if isinstance(upsample, bool) or not isinstance(upsample, int) or upsample < 1:
     raise ValueError(f"zipf: upsample must be an integer >= 1, got {upsample!r}")
 
-  def update(state, outputs, batch, *, step, epoch, axis_name=None, hooks=None):
-    del step, epoch, axis_name, hooks
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del step, axis_name, hooks
     logits, labels = outputs["logits"], batch["label"]
     if dense:
       if "dense_logits" not in outputs:

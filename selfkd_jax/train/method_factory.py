@@ -84,7 +84,8 @@ def _label_smoothing(cfg, ctx):
 
 
 def _pskd(cfg, ctx):
-  return methods.pskd(ctx.num_examples, ctx.num_classes, ctx.num_epochs, alpha_T=cfg.alpha_T,
+  return methods.pskd(ctx.num_examples, ctx.num_classes, ctx.num_epochs,
+                      steps_per_epoch=ctx.steps_per_epoch, alpha_T=cfg.alpha_T,
                       refresh=cfg.refresh, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype])
 
 
@@ -163,13 +164,15 @@ def _kd(cfg, ctx):
 
 
 def _dkd(cfg, ctx):
-  return methods.dkd(_teacher(cfg, ctx), alpha=cfg.alpha, beta=cfg.beta,
+  return methods.dkd(_teacher(cfg, ctx), steps_per_epoch=ctx.steps_per_epoch,
+                     alpha=cfg.alpha, beta=cfg.beta,
                      temperature=cfg.temperature, warmup_epochs=cfg.warmup_epochs,
                      ce_weight=cfg.ce_weight)
 
 
 def _aekt(cfg, ctx):
-  return methods.aekt(_teacher(cfg, ctx), ctx.num_classes, alpha=cfg.alpha, beta=cfg.beta,
+  return methods.aekt(_teacher(cfg, ctx), ctx.num_classes,
+                      steps_per_epoch=ctx.steps_per_epoch, alpha=cfg.alpha, beta=cfg.beta,
                       temperature=cfg.temperature, warmup_epochs=cfg.warmup_epochs,
                       weight_fn=cfg.weight_fn, max_weight=cfg.max_weight,
                       serialization_head=cfg.serialization_head,
@@ -203,7 +206,7 @@ def _lsskd(cfg, ctx):
   exits = exits_lib.make_exits("hsakd", ctx.stage_shapes, ctx.output_shapes["features"][-1],
                                ctx.num_classes, **kwargs)
   return methods.lsskd(exits, ctx.num_examples, ctx.num_classes, ctx.num_epochs,
-                       alpha_T=cfg.alpha_T, aux_alpha_T=cfg.aux_alpha_T or None,
+                       steps_per_epoch=ctx.steps_per_epoch, alpha_T=cfg.alpha_T, aux_alpha_T=cfg.aux_alpha_T or None,
                        temperature=cfg.temperature, aux_weight=cfg.aux_weight,
                        distill_weight=cfg.distill_weight, feature_weight=cfg.feature_weight,
                        main_pskd=cfg.main_pskd, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype],

@@ -19,7 +19,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from selfkd_jax.methods import PerExampleTable, partition_specs
+from selfkd_jax.methods import from_pmap_layout, partition_specs, to_pmap_layout
 from selfkd_jax.train.state import TrainState
 
 AXIS = "data"
@@ -141,28 +141,11 @@ class PmapRunner(ShardMapRunner):
 
   def to_global(self, state: TrainState) -> TrainState:
     """pmap layout -> global layout (for checkpoints and the loop)."""
-    specs = _expand_specs(state_partition_specs(state), state)
-
-    def convert(spec, x):
-      if spec == PartitionSpec(AXIS):
-        return jnp.reshape(x, (-1,) + x.shape[2:])
-      return x[0]
-
-    return jax.tree.map(convert, specs, state,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return from_pmap_layout(state)
 
   def from_global(self, state: TrainState) -> TrainState:
-    specs = _expand_specs(state_partition_specs(state), state)
-    d = self.num_devices
-
-    def convert(spec, x):
-      if spec == PartitionSpec(AXIS):
-        # pmap (built on shard_map since JAX 0.8) takes inputs already split on the leading axis.
-        return jax.device_put(jnp.reshape(x, (d, -1) + x.shape[1:]), self.batch_sharding)
-      return self._replicate(x)
-
-    return jax.tree.map(convert, specs, state,
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+    # pmap (built on shard_map since JAX 0.8) takes inputs already split on the leading axis.
+    return jax.device_put(to_pmap_layout(state, self.num_devices), self.batch_sharding)
 
   def _replicate(self, x):
     """A replicated leaf in pmap's layout: one copy per device on the leading axis."""

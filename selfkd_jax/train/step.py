@@ -105,8 +105,7 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
       hooks = MethodHooks(forward=forward, variables=variables, images=images, teacher=teacher,
                           owned_differentiated=owned is not None)
       per_example, method_state, method_metrics = method.update(
-          method_state, outputs, batch, step=state.step, epoch=epoch,
-          axis_name=axis_name, hooks=hooks)
+          method_state, outputs, batch, step=state.step, axis_name=axis_name, hooks=hooks)
       # All devices hold equal batch slices, so the mean of local means is the global mean.
       loss = jnp.mean(per_example)
       aux = (outputs, model_updates.get("batch_stats", {}), method_state, method_metrics)
