@@ -18,7 +18,8 @@ def pskd_alpha(
   with `e` the 0-indexed epoch and `E` the total number of epochs. This is the official
   code's schedule (`faithful`); the paper writes `α_T · t / T`. It reaches `α_T` at the last
   epoch `e = E − 1` and stays there: an epoch past the schedule (a longer run, an epoch counted
-  from 1 by mistake) never gives more than `α_T`. docs/METHODS.md lists `α_T = 0.8` as the default.
+  from 1 by mistake) never gives more than `α_T`. docs/METHODS.md lists `α_T = 0.8` as the
+  default.
 
   All arguments may be Python numbers or (traced) scalars; the function is jit-safe.
 

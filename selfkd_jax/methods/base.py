@@ -45,6 +45,7 @@ import numbers
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 Outputs = Mapping[str, jax.Array]
@@ -169,6 +170,11 @@ def _refuse_to_flatten(method: Method):
 # Registered only so that tracing a method by mistake says what to do instead of failing on
 # "<function> is not a valid JAX type" somewhere inside it.
 jax.tree_util.register_pytree_node(Method, _refuse_to_flatten, lambda aux, children: None)
+
+
+def epoch_of_step(step: jax.Array, steps_per_epoch: int) -> jax.Array:
+  """The 0-indexed epoch of the 0-based optimizer `step` (an int scalar, traced or not)."""
+  return jnp.asarray(step) // steps_per_epoch
 
 
 def check_steps_per_epoch(name: str, steps_per_epoch: int | None, needed_for: str) -> None:

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, check_steps_per_epoch, stateless_init
+from selfkd_jax.methods.base import (Method, check_steps_per_epoch, epoch_of_step,
+                                     stateless_init)
 from selfkd_jax.methods.kd import TeacherFn
 
 
@@ -20,7 +21,7 @@ def warmup_factor(step: jax.Array, steps_per_epoch: int | None, warmup_epochs: f
   """
   if warmup_epochs <= 0:
     return jnp.ones((), jnp.float32)
-  epoch = jnp.asarray(step) // steps_per_epoch
+  epoch = epoch_of_step(step, steps_per_epoch)
   return jnp.minimum((epoch.astype(jnp.float32) + 1.0) / warmup_epochs, 1.0)
 
 

@@ -10,7 +10,7 @@ import optax
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, check_steps_per_epoch
+from selfkd_jax.methods.base import Method, check_steps_per_epoch, epoch_of_step
 from selfkd_jax.methods.owned_params import owned_exits, owned_params_step
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, first_visit_one_hot,
                                             gather_rows, scatter_rows)
@@ -131,7 +131,8 @@ def lsskd_aux_terms(logits: Sequence[jax.Array], features: Sequence[jax.Array],
 
 
 def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
-          steps_per_epoch: int, alpha_T: float = 0.8, aux_alpha_T: float | None = None, temperature: float = 3.0,
+          steps_per_epoch: int, alpha_T: float = 0.8, aux_alpha_T: float | None = None,
+          temperature: float = 3.0,
           aux_weight: float = 1.0, distill_weight: float = 1.0, feature_weight: float = 0.03,
           main_pskd: bool = True, storage_dtype: Any = jnp.float32,
           exit_optimizer: optax.GradientTransformation | None = None) -> Method:
@@ -153,8 +154,8 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
   - `main_b`, the model's own classifier on the un-rotated copy only (rows `:B`): PS-KD with
     its own past predictions, `soft_ce(z, (1-α_e)·onehot(y) + α_e·P[i])`, `P` refreshed every
     step (`methods.pskd` with `refresh='step'`: read this batch's rows, then write this
-    step's softmax); `α_e = alpha_T·min(e+1, E)/E`; one-hot targets on a first visit. Plain CE when
-    `main_pskd=False`. The rotated copies give the main classifier no loss.
+    step's softmax); `α_e = alpha_T·min(e+1, E)/E`; one-hot targets on a first visit. Plain
+    CE when `main_pskd=False`. The rotated copies give the main classifier no loss.
   - `l_r` (`lsskd_aux_terms`) on every row r (all four rotations): for each auxiliary head h,
     `aux_weight · soft_ce(z_h, (1-α'_e)·onehot(4y+k) + α'_e·P_h[4i+k])` with the head's own
     past joint predictions (same schedule with `aux_alpha_T`, one-hot on a first visit, refreshed
@@ -285,7 +286,7 @@ def lsskd(exits: Any, num_examples: int, num_classes: int, num_epochs: int, *,
     return per_row, (logits, updates["batch_stats"], terms)
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
-    epoch = jnp.asarray(step) // steps_per_epoch
+    epoch = epoch_of_step(step, steps_per_epoch)
     for key in ("logits", "features", "stage_features"):
       if key not in outputs:
         raise ValueError(f"lsskd: needs outputs[{key!r}]")

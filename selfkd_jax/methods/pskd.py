@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, check_steps_per_epoch
+from selfkd_jax.methods.base import Method, check_steps_per_epoch, epoch_of_step
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, first_visit_one_hot,
                                             gather_rows, scatter_rows)
 
@@ -87,7 +87,7 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_ep
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del hooks
     logits, labels = outputs["logits"], batch["label"]
-    alpha = losses.pskd_alpha(jnp.asarray(step) // steps_per_epoch, total_epochs, alpha_T)
+    alpha = losses.pskd_alpha(epoch_of_step(step, steps_per_epoch), total_epochs, alpha_T)
     past = gather_rows(state.past_predictions, batch["index"], axis_name).astype(jnp.float32)
     past = first_visit_one_hot(past, labels, num_classes)
     loss = losses.soft_cross_entropy(logits, losses.pskd_targets(labels, past, alpha))

@@ -15,11 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from selfkd_jax.methods.per_example import PerExampleTable, pad_tables, partition_specs
-
-
-def _is_table(x: Any) -> bool:
-  return isinstance(x, PerExampleTable)
+from selfkd_jax.methods.per_example import (PerExampleTable, _is_table, pad_tables,
+                                            partition_specs)
 
 
 def state_shardings(state: Any, mesh: Mesh, axis_name: str = "data") -> Any:

@@ -206,7 +206,8 @@ def _lsskd(cfg, ctx):
   exits = exits_lib.make_exits("hsakd", ctx.stage_shapes, ctx.output_shapes["features"][-1],
                                ctx.num_classes, **kwargs)
   return methods.lsskd(exits, ctx.num_examples, ctx.num_classes, ctx.num_epochs,
-                       steps_per_epoch=ctx.steps_per_epoch, alpha_T=cfg.alpha_T, aux_alpha_T=cfg.aux_alpha_T or None,
+                       steps_per_epoch=ctx.steps_per_epoch, alpha_T=cfg.alpha_T,
+                       aux_alpha_T=cfg.aux_alpha_T or None,
                        temperature=cfg.temperature, aux_weight=cfg.aux_weight,
                        distill_weight=cfg.distill_weight, feature_weight=cfg.feature_weight,
                        main_pskd=cfg.main_pskd, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype],
