@@ -6,8 +6,10 @@ r"""Train and evaluate one config.
         --config.method.alpha_T=0.5
 
 Running the same command again resumes from the workdir's latest checkpoint (or prints the
-finished run's results). Exit status: 0 done, 1 a run error (data, non-finite loss), 2 a bad
-configuration, 143 stopped by SIGTERM after saving a checkpoint.
+finished run's results). One run owns a workdir at a time (a lock the OS releases when the
+process dies); a second launch on a busy workdir is refused. Exit status: 0 done, 1 a run or
+environment error (data, non-finite loss, an unwritable workdir), 2 a bad configuration or a
+busy workdir, 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint.
 
 Multi-host (TPU pods, SLURM): start one process per host with the same command;
 `jax.distributed.initialize()` runs when `--distributed` is given or the environment shows a
@@ -15,6 +17,7 @@ multi-process launch.
 """
 
 import os
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -37,6 +40,20 @@ def _fail(message: str, status: int) -> None:
   sys.exit(status)
 
 
+def _stop_outside_training(signum, frame):
+  """SIGTERM/SIGINT while nothing needs saving (start-up, the final evaluation): one line.
+
+  Inside the training loop the trainer takes these signals over and saves a checkpoint first;
+  outside it, everything trained is already in a checkpoint, so stopping at once loses nothing.
+  """
+  del frame
+  name = signal.Signals(signum).name
+  print(f"error: {name} outside the training loop (start-up or final evaluation): stopped; "
+        "everything trained is in the last checkpoint, run the same command to resume",
+        file=sys.stderr, flush=True)
+  os._exit(128 + signum)  # pylint: disable=protected-access  (no cleanup can lose anything)
+
+
 def parse_flags(argv):
   """absl flag parsing with bad flags or config overrides reported in one line, exit 2."""
   try:
@@ -55,6 +72,8 @@ def _wants_distributed() -> bool:
 
 
 def main(argv):
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, _stop_outside_training)
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; use --config, --workdir and --config.key=value", 2)
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
@@ -63,6 +82,8 @@ def main(argv):
   from selfkd_jax.data import DataError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.config_check import ConfigError  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train.workdir_lock import WorkdirError  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train.checkpoint import NoUsableCheckpoint  # pylint: disable=g-import-not-at-top
 
   if _wants_distributed():
     jax.distributed.initialize()
@@ -70,10 +91,10 @@ def main(argv):
     results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except ConfigError as error:
     _fail(str(error), 2)
-  except (DataError, loop.NonFiniteLossError) as error:
+  except (DataError, loop.NonFiniteLossError, WorkdirError, NoUsableCheckpoint) as error:
     _fail(str(error), 1)
   except loop.Preempted as error:
-    _fail(str(error), 143)
+    _fail(str(error), error.exit_status)
   if jax.process_index() == 0:
     print(f"{results['method']} / {results['model']} / {results['dataset']}: "
           f"test top1 {results['test_top1']:.4f}  top5 {results['test_top5']:.4f}  "

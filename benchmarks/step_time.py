@@ -74,32 +74,32 @@ class _Case:
     self.method_name, self.dtype_name = method_name, dtype_name
     config = default_config.base_config()
     steps_per_epoch = math.ceil(num_examples / batch_size)
-    model = models.get_model(model_name, num_classes=num_classes,
-                             dtype=models.COMPUTE_DTYPES[dtype_name],
-                             bn_axis_name=parallel.AXIS)
-    eval_model = model.clone(bn_axis_name=None)
+    backbone = models.get_model(model_name, num_classes=num_classes,
+                                dtype=models.COMPUTE_DTYPES[dtype_name],
+                                bn_axis_name=parallel.AXIS)
+    eval_backbone = backbone.clone(bn_axis_name=None)
     tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
     context = method_factory.MethodContext(
         num_examples=num_examples, num_classes=num_classes, num_epochs=config.num_epochs,
         steps_per_epoch=steps_per_epoch,
-        **method_factory.model_fields(eval_model, image_shape),
-        make_optimizer=lambda: optim.make_optimizer(config.optimizer, steps_per_epoch,
-                                                    config.num_epochs)[0],
+        **method_factory.model_fields(eval_backbone, image_shape),
         # ReffAKD's cost does not depend on the matrix: time it with a stand-in.
         soft_labels=np.full((num_classes, num_classes), 1.0 / num_classes, np.float32))
     method_config = default_config.method_config(method_name)
     if method_name == "zipf" and "dense_logits" not in context.output_shapes:
       method_config.dense = False  # e.g. LeNet-5-BN: no per-position logits to vote with
-    method = method_factory.build_method(method_config, context)
+    setup = method_factory.setup_method(method_config, context, backbone, eval_backbone,
+                                        bn_axis_name=parallel.AXIS)
+    method, model, eval_model = setup.method, setup.model, setup.eval_model
     self.needs_partners = method_factory.needs_partners(method_config)
     # A network teacher of the student's own architecture (randomly initialised: its cost, one
     # eval-mode forward per step, does not depend on its weights).
     teacher_model, self.teacher_variables = None, {}
     if method_factory.needs_network_teacher(method_config):
-      teacher_model = eval_model
+      teacher_model = eval_backbone
       dummy = jax.numpy.zeros((1, *image_shape), jax.numpy.float32)
       self.teacher_variables = runner.put_frozen(
-          eval_model.init(jax.random.PRNGKey(seed + 1), dummy, train=False))
+          eval_backbone.init(jax.random.PRNGKey(seed + 1), dummy, train=False))
 
     init = initial_state_fn(model=eval_model, method=method, tx=tx, image_shape=image_shape,
                             seed=seed, num_devices=runner.num_devices)
@@ -113,6 +113,7 @@ class _Case:
     self.state_bytes_per_device = table_bytes(self.state.method_state, runner.num_devices)
     body = make_train_step(model=model, tx=tx, method=method, steps_per_epoch=steps_per_epoch,
                            augmentation=augmentation, schedule=schedule,
+                           model_inputs=setup.model_inputs,
                            axis_name=parallel.AXIS, teacher_model=teacher_model)
     self.train_step = runner.compile_train(body, self.state)
     self.samples_ms: list[float] = []

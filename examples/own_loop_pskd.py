@@ -1,23 +1,52 @@
-"""PS-KD inside your own training loop: a plain-JAX model, your own data, no selfkd_jax trainer.
+"""PS-KD inside your own training loop: plain JAX (no Flax), your own data, no selfkd_jax trainer.
 
-    python examples/own_loop_pskd.py
+    PYTHONPATH=. python examples/own_loop_pskd.py
 
 The only things taken from selfkd_jax are the transform (`methods.pskd`) and its contract: keep
 its state next to your parameters, pass `outputs` (a dict with 'logits') and `batch` (a dict
-with 'label' and the dataset 'index'), and average the per-example loss yourself.
+with 'label' and the dataset 'index'), and average the per-example loss yourself. The data are
+the IDX files of Debian's `dataset-fashion-mnist`, read with numpy below. For the same in Flax
+Linen or NNX, with one method of every family, see `flax_linen_fashion_mnist.py` and
+`flax_nnx_fashion_mnist.py`.
 """
+
+import gzip
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from sklearn.datasets import load_digits
 
 from selfkd_jax import methods
 
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def read_idx(path: str) -> np.ndarray:
+  """An IDX file (`*-ubyte.gz`) as a uint8 array (what `selfkd_jax.data` reads, without grain)."""
+  with gzip.open(path, "rb") as f:
+    data = f.read()
+  # Header: two zero bytes, the type code (0x08: unsigned bytes), the number of dimensions,
+  # then one big-endian uint32 per dimension.
+  if data[:3] != b"\x00\x00\x08":
+    raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+  ndim = data[3]
+  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_split(prefix: str, limit: int, data_dir: str = DATA_DIR):
+  """(images float32 [N, 784] in [0, 1], labels int32 [N]) of the first `limit` (0: all)."""
+  images = read_idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz"))
+  labels = read_idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz"))
+  limit = limit or len(labels)
+  return (images[:limit].reshape(limit, -1).astype(np.float32) / 255.0,
+          labels[:limit].astype(np.int32))
+
 
 def init_mlp(rng, sizes):
-  """A plain-JAX MLP: a list of (weight, bias) pairs."""
+  """A plain-JAX MLP: a list of (weight, bias) pairs, He-initialised."""
   params = []
   for key, (fan_in, fan_out) in zip(jax.random.split(rng, len(sizes) - 1),
                                     zip(sizes[:-1], sizes[1:])):
@@ -33,19 +62,18 @@ def mlp(params, x):
   return x @ weight + bias
 
 
-def main(num_epochs: int = 20, batch_size: int = 64, seed: int = 0) -> float:
-  digits = load_digits()
-  images = digits.data.astype(np.float32) / 16.0
-  labels = digits.target.astype(np.int32)
-  order = np.random.default_rng(seed).permutation(len(labels))
-  train, test = order[:1500], order[1500:]
-  num_train, num_classes = len(train), 10
+def main(num_epochs: int = 10, batch_size: int = 128, seed: int = 0, limit_train: int = 0,
+         limit_test: int = 0, data_dir: str = DATA_DIR):
+  """Trains the MLP with PS-KD; returns (test accuracy, final method state, visited indices)."""
+  train_images, train_labels = load_split("train", limit_train, data_dir)
+  test_images, test_labels = load_split("t10k", limit_test, data_dir)
+  num_train, num_classes = len(train_labels), 10
 
   steps_per_epoch = num_train // batch_size  # the loop below drops the last partial batch
   method = methods.pskd(num_examples=num_train, num_classes=num_classes,
                         total_epochs=num_epochs, steps_per_epoch=steps_per_epoch, alpha_T=0.8)
-  tx = optax.sgd(0.1, momentum=0.9)
-  params = init_mlp(jax.random.PRNGKey(seed), [64, 128, num_classes])
+  tx = optax.sgd(0.05, momentum=0.9)
+  params = init_mlp(jax.random.key(seed), [784, 256, num_classes])
   opt_state = tx.init(params)
   method_state = method.init()  # past predictions: [num_train, num_classes]
 
@@ -62,19 +90,23 @@ def main(num_epochs: int = 20, batch_size: int = 64, seed: int = 0) -> float:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, method_state, loss
 
-  step = 0
-  for epoch in range(num_epochs):
+  step, visited = 0, np.zeros(num_train, bool)
+  rng = np.random.default_rng(seed)
+  for _ in range(num_epochs):
     # `index` is the position in *your* training set: it addresses the past predictions.
-    permutation = np.random.default_rng([seed, epoch]).permutation(num_train)
-    for start in range(0, num_train - batch_size + 1, batch_size):
+    permutation = rng.permutation(num_train)
+    for start in range(0, steps_per_epoch * batch_size, batch_size):
       index = permutation[start:start + batch_size]
-      batch = {"image": images[train[index]], "label": labels[train[index]], "index": index}
+      batch = {"image": train_images[index], "label": train_labels[index], "index": index}
+      # `step` counts on the host: the 0-based optimizer step, without a device round trip.
       params, opt_state, method_state, loss = train_step(params, opt_state, method_state,
                                                          batch, step)
+      visited[index] = True
       step += 1
-  accuracy = float(np.mean(np.argmax(mlp(params, images[test]), -1) == labels[test]))
+  logits = jax.jit(mlp)(params, test_images)
+  accuracy = float(np.mean(np.argmax(logits, -1) == test_labels))
   print(f"test accuracy {accuracy:.4f}, last loss {float(loss):.4f}")
-  return accuracy
+  return accuracy, method_state, np.flatnonzero(visited)
 
 
 if __name__ == "__main__":

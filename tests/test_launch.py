@@ -1,4 +1,5 @@
-"""launch.py as a user runs it, in real subprocesses: kill/resume, SIGTERM, bad configuration."""
+"""launch.py as a user runs it, in real subprocesses: kill/resume, SIGTERM and SIGINT, the workdir
+lock, bad configuration."""
 
 import json
 import os
@@ -18,7 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_FLAGS = ["--config=configs/fashion_mnist/pskd.py:smoke", "--config.num_epochs=6",
              "--config.checkpoint_every_steps=5", "--config.progress_bar=False",
              "--config.num_devices=2"]
-# RAS-KD carries prototypes, class flags, and an auxiliary head with its own optimizer state.
+# RAS-KD carries prototypes and class flags, and its auxiliary head is a head of the model.
 RAS_KD_FLAGS = ["--config=configs/fashion_mnist/ras_kd.py:smoke", *RUN_FLAGS[1:]]
 
 
@@ -92,21 +93,60 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, run_flags):
     assert results_a[key] == results_b[key], key
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["sigterm", "sigint"])
+def test_stop_signal_saves_a_checkpoint_and_exits_128_plus_signal(tmp_path, signum, status):
   workdir = str(tmp_path)
   process = start(workdir, *RUN_FLAGS)
   wait_for_checkpoint(workdir, process)
-  process.send_signal(signal.SIGTERM)
+  process.send_signal(signum)
   _, stderr = process.communicate(timeout=120)
-  assert process.returncode == 143, stderr
+  assert process.returncode == status, stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
   saved = int(stderr.split("saved a checkpoint at step ")[1].split(";")[0])
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
   assert manager.latest_step() == saved
   manager.close()
 
 
+def test_signal_before_training_is_one_line(tmp_path):
+  workdir = str(tmp_path)
+  process = start(workdir, *RUN_FLAGS)
+  lock = os.path.join(workdir, ".lock")
+  deadline = time.time() + 120
+  while not (os.path.exists(lock) and os.path.getsize(lock)) and time.time() < deadline:
+    time.sleep(0.01)  # the lock is taken after the config and data checks, before compiling
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 143, stderr
+  assert "Traceback" not in stderr
+  assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1, stderr
+
+
+def test_a_busy_workdir_is_refused_and_the_owner_finishes_intact(tmp_path):
+  workdir = str(tmp_path)
+  owner = start(workdir, *RUN_FLAGS)
+  wait_for_checkpoint(workdir, owner)
+  # Another config on the same workdir while the owner trains: refused, nothing touched.
+  intruder = launch(workdir, *RUN_FLAGS, "--config.seed=1", timeout=120)
+  assert intruder.returncode == 2, intruder.stderr
+  error_lines = [line for line in intruder.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and "is in use by another run" in error_lines[0]
+  assert f"pid {owner.pid}" in error_lines[0], error_lines
+  _, stderr = owner.communicate(timeout=300)
+  assert owner.returncode == 0, stderr
+  for name in ("config.json", "results.json"):
+    with open(os.path.join(workdir, name)) as f:
+      assert json.load(f)["seed"] == 0, name
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f if '"train"' in line]
+  assert len(steps) == len(set(steps)), "a second writer logged the same steps"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--config.method.alpha_T=1.5"], "config.method.alpha_T=1.5 is outside [0, 1]"),
+    (["--config.optimizer.learning_rate=nan"], "config.optimizer.learning_rate=nan must be > 0"),
+    (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0 must be >= 1"),
     (["--config.method.name=nope"], "config.method.name='nope' is not allowed"),
     (["--config.method.no_such_key=1"], "no_such_key"),
     (["--config.num_devices=2", "--config.batch_size=127"],
@@ -119,7 +159,7 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path, flags, message):
   assert "Traceback" not in result.stderr
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(error_lines) == 1 and message in error_lines[0], result.stderr
-  assert not os.path.exists(tmp_path / "checkpoints")
+  assert not os.listdir(tmp_path)  # refused before anything was written
 
 
 def test_teacher_overrides_go_through_the_student_config(tmp_path):
@@ -130,3 +170,43 @@ def test_teacher_overrides_go_through_the_student_config(tmp_path):
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert error_lines == ["error: config.teacher.config.num_epochs=0 must be > 0"], result.stderr
   assert not os.path.exists(tmp_path / "teacher")
+
+
+@pytest.mark.parametrize("kind", ["a file", "empty"])
+def test_a_workdir_that_cannot_be_one_is_one_line(tmp_path, kind):
+  path = tmp_path / "taken"
+  path.write_text("not a directory\n")
+  workdir = str(path) if kind == "a file" else ""
+  result = launch(workdir, "--config=configs/fashion_mnist/pskd.py:smoke", timeout=120)
+  assert result.returncode == 2, result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and "--workdir" in error_lines[0], result.stderr
+  assert "Traceback" not in result.stderr
+  assert path.read_text() == "not a directory\n"
+
+
+def test_a_flipped_byte_in_the_last_checkpoint_falls_back_and_ends_the_same(tmp_path):
+  import shutil
+  straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
+  assert launch(straight, *RUN_FLAGS).returncode == 0
+  shutil.copytree(straight, damaged)
+  os.remove(os.path.join(damaged, "results.json"))
+  last = os.path.join(damaged, "checkpoints", str(6 * 16))
+  data = [os.path.join(root, name) for root, _, names in os.walk(last) for name in names
+          if f"{os.sep}d{os.sep}" in os.path.join(root, name)]
+  target = max(data, key=os.path.getsize)
+  with open(target, "r+b") as f:
+    f.seek(os.path.getsize(target) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x01]))
+
+  resumed = launch(damaged, *RUN_FLAGS)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"Skipping checkpoint {6 * 16}: " in resumed.stdout, resumed.stdout
+  assert f"Resuming from step {6 * 16 - 1}" in resumed.stdout  # the previous kept step
+  step_a, leaves_a = checkpoint_leaves(straight)
+  step_b, leaves_b = checkpoint_leaves(damaged)
+  assert step_a == step_b
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)

@@ -181,12 +181,33 @@ class TestMethodIsStatic:
     for a, b in zip(jax.tree.leaves(as_static), jax.tree.leaves(closed)):
       np.testing.assert_array_equal(a, b)
 
-  def test_tracing_a_method_says_what_to_do(self):
+  def test_a_method_passed_like_an_array_stays_static(self):
+    method = _pskd(num_examples=4, num_classes=2, total_epochs=2)
+    assert jax.tree.leaves({"method": method}) == []  # nothing of it is ever traced
+    traces = []
+
+    def step(method, state, *args):
+      traces.append(1)
+      return _update(method, state, *args)
+
+    jitted = jax.jit(step)
+    state = method.init()
+    args = (jnp.zeros((1, 2)), jnp.array([0]), jnp.array([1]), 0)
+    first = jitted(method, state, *args)
+    again = jitted(method, state, *args)
+    other = jitted(methods.combine([1.0], method), (state,), *args)  # another method: retrace
+    assert len(traces) == 2
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(other[0], first[0])
+
+  def test_nnx_jit_takes_a_method_as_a_static_argument(self):
+    from flax import nnx
     method = methods.cross_entropy()
-    with pytest.raises(TypeError, match="static value.*static_argnames.*pytree_node=False"):
-      jax.jit(lambda m, x: x)(method, 1.0)
-    with pytest.raises(TypeError, match="static value"):
-      jax.tree.leaves({"method": method})
+    loss = nnx.jit(lambda method, logits, labels: method.update(
+        method.init(), {"logits": logits}, {"label": labels}, step=0)[0],
+        static_argnames="method")(method, jnp.zeros((2, 3)), jnp.array([0, 1]))
+    np.testing.assert_allclose(loss, np.log(3.0), rtol=1e-6)
 
 
 class TestShardedTables:

@@ -1,6 +1,7 @@
 """A user's own data-parallel loop, as the README shows it: a plain-JAX MLP with PS-KD (a
 per-example table) run by `shard_map` over 4 fake devices and by `pmap` over 4 equals the same
-loop on 1 device; and the `check_vma` trap the README warns about is real."""
+loop on 1 device; so does a Flax model with LSSKD's heads (the other method with tables, and a
+head with BatchNorm); and the `check_vma` trap the README warns about is real."""
 
 
 import jax
@@ -11,7 +12,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import roundoff
-from selfkd_jax import methods
+from selfkd_jax import heads, methods, models
 
 NUM_EXAMPLES, NUM_CLASSES, FEATURES, BATCH, EPOCHS = 64, 5, 12, 16, 3
 STEPS_PER_EPOCH = NUM_EXAMPLES // BATCH
@@ -99,6 +100,64 @@ def test_shard_map_and_pmap_loops_equal_the_single_device_loop():
     assert other[2].past_predictions.rows.shape == (NUM_EXAMPLES, NUM_CLASSES)  # 64 = 4 x 16
     # 12 steps of a small MLP: only the order of the batch and device sums differs.
     roundoff.assert_trees_close_to_scale(other, reference, roundoff.RUN_RTOL)
+
+
+def run_lsskd(mode):
+  """LSSKD in a user's Linen loop: the MLP with HSAKD heads (BatchNorm inside), the model run
+  on the four rotations of 4×4 images, tables sharded by rows under `shard_map`."""
+  axis = "data" if mode == "shard_map" else None
+  backbone = models.MLP(num_classes=NUM_CLASSES, hidden_sizes=(8, 8))
+  head = heads.exit_head_for("hsakd", backbone, (4, 4, 1), NUM_CLASSES, bn_axis_name=axis)
+  model = heads.with_heads(backbone, head)
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(NUM_EXAMPLES, 4, 4, 1)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, NUM_EXAMPLES).astype(np.int32)
+  variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
+  method = methods.lsskd(NUM_EXAMPLES, NUM_CLASSES, EPOCHS, num_heads=head.exits.num_exits,
+                         steps_per_epoch=STEPS_PER_EPOCH)
+  tx = optax.sgd(0.1, momentum=0.9)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  opt_state, method_state = tx.init(params), method.init()
+
+  def train_step(params, batch_stats, opt_state, method_state, batch, step):
+    def loss_fn(params):
+      outputs, updates = model.apply({"params": params, "batch_stats": batch_stats},
+                                     methods.rotate_batch(batch["image"]), train=True,
+                                     mutable=["batch_stats"])
+      per_example, new_state, _ = method.update(method_state, outputs, batch, step=step,
+                                                axis_name=axis)
+      return per_example.mean(), (new_state, updates["batch_stats"])
+
+    (_, (method_state, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if axis is not None:
+      grads = jax.lax.pmean(grads, axis)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), batch_stats, opt_state, method_state
+
+  if mode == "single":
+    step_fn = jax.jit(train_step)
+  else:
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:4])
+    method_state = methods.shard_state(method_state, mesh)
+    specs = methods.partition_specs(method_state)
+    step_fn = jax.jit(jax.shard_map(
+        train_step, mesh=mesh, in_specs=(P(), P(), P(), specs, P("data"), P()),
+        out_specs=(P(), P(), P(), specs), check_vma=False))
+  state = (params, batch_stats, opt_state, method_state)
+  for step, index in enumerate(batches()):
+    batch = {"image": images[index], "label": labels[index], "index": index}
+    state = step_fn(*state, batch, step)
+  return jax.device_get(state)
+
+
+@pytest.mark.cross_device
+def test_lsskd_heads_in_a_shard_map_loop_equal_the_single_device_loop():
+  reference = run_lsskd("single")
+  tables = reference[3].aux_predictions
+  assert len(tables) == 2 and tables[0].rows.shape == (4 * NUM_EXAMPLES, 4 * NUM_CLASSES)
+  np.testing.assert_allclose(np.asarray(tables[0].rows).sum(-1), 1.0, rtol=1e-5)  # all written
+  roundoff.assert_trees_close_to_scale(run_lsskd("shard_map"), reference, roundoff.RUN_RTOL)
 
 
 def test_layouts_round_trip_and_pad():

@@ -9,6 +9,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from selfkd_jax import losses
@@ -199,7 +200,9 @@ def test_resume_after_a_kill_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
   for a, b in zip(jax.tree.leaves(straight.params), jax.tree.leaves(resumed.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The second epoch really trained: its parameters differ from the epoch-1 checkpoint.
-  after_one = checkpoint.Checkpointer(str(tmp_path / 'killed')).restore(None, step=1)['params']
+  manager = ocp.CheckpointManager(str(tmp_path / 'killed' / 'checkpoints'))
+  after_one = manager.restore(1, args=ocp.args.StandardRestore())['params']
+  manager.close()
   assert not any(np.array_equal(a, b) for a, b in
                  zip(jax.tree.leaves(after_one), jax.tree.leaves(straight.params)))
 

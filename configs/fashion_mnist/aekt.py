@@ -3,8 +3,9 @@ head) from the CE-trained LeNet-5-BN teacher, on Fashion-MNIST.
 
 beta 1 and a 5-epoch warm-up as in configs/fashion_mnist/dkd.py (beta 8 diverged there); with
 the weight clipped at 4 the head and the amplified TCKD collapsed training to chance in a
-6-epoch trial (see `methods.aekt`). The serialization head (10x10, identity
-init) is trained by the method with the run's optimizer. The teacher is shared with kd.py.
+6-epoch trial (see `methods.aekt`). The serialization head (10x10, identity init,
+`heads.SerializationHead`) is attached to the model and trained by the run's optimizer. The
+teacher is shared with kd.py.
 
     python launch.py --config=configs/fashion_mnist/aekt.py --workdir=runs/fmnist_aekt
     python launch.py --config=configs/fashion_mnist/aekt.py:smoke --workdir=/tmp/smoke

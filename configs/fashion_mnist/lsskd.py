@@ -4,8 +4,9 @@ Every image is trained at 0/90/180/270 degrees (4x the images per step); HSAKD-s
 both LeNet conv blocks predict the joint (class, rotation) label with PS-KD targets from their
 own past predictions (tables of 4N rows x 40 classes, sharded by rows); the main classifier gets
 PS-KD on the upright copies; the deepest head teaches the shallower one (KL, T 3); adapters
-pull each head's feature to the 84-d final feature. The heads live in the method state:
-evaluation and export use LeNet-5-BN alone. Every epoch logs each head's test top-1 (its
+pull each head's feature to the 84-d final feature. The heads are attached to the model
+(`heads.ExitHead`) and trained by the run's optimizer; evaluation and export use LeNet-5-BN
+alone. Every epoch logs each head's test top-1 (its
 upright columns) and the ensemble.
 
     python launch.py --config=configs/fashion_mnist/lsskd.py --workdir=runs/fmnist_lsskd

@@ -15,7 +15,7 @@ import numpy as np
 from selfkd_jax.data.background import OrderedReader
 from selfkd_jax.data.errors import DataError
 from selfkd_jax.data.grain_reader import GrainReader, uses_grain
-from selfkd_jax.data.pairs import SameClassPartners, source_labels
+from selfkd_jax.data.pairs import SameClassPartners, same_class_partners, source_labels
 
 Batch = dict[str, np.ndarray]
 
@@ -135,7 +135,7 @@ class TrainBatches:
       raise DataError(f"start_step {start_step} must lie in [0, num_steps={num_steps}]")
     host = _host_slice(global_batch_size, process_index, process_count)
     if partners is True:
-      partners = SameClassPartners(source_labels(source), seed=seed)
+      partners = same_class_partners(source_labels(source), seed=seed)
     elif partners is not False and partners is not None:
       if not isinstance(partners, SameClassPartners):
         raise DataError(f"partners must be a bool or a SameClassPartners, got "

@@ -3,34 +3,16 @@ and a task-serialization head."""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
-import optax
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method
+from selfkd_jax.methods.base import Method, require_outputs, stateless_init
 from selfkd_jax.methods.dkd import check_weights, warmup_factor
 from selfkd_jax.methods.kd import TeacherFn
-from selfkd_jax.methods.owned_params import owned_params_step
 
 WEIGHT_FUNCTIONS = ("ratio", "constant")
-
-
-class AEKTState(NamedTuple):
-  """The task-serialization head `h(z) = z W + b` (`W` [C, C] from the identity, `b` zeros) and
-  the state of the optimizer that trains it. Empty dicts when the head is off."""
-  head_params: dict[str, jax.Array]
-  head_opt_state: Any
-
-
-def _serialize(head_params, logits):
-  if not head_params:
-    return logits
-  return (jnp.dot(logits.astype(jnp.float32), head_params["kernel"],
-                  precision=lax.Precision.HIGHEST) + head_params["bias"])
 
 
 def _target_prob(logits, labels, temperature):
@@ -38,11 +20,10 @@ def _target_prob(logits, labels, temperature):
   return jnp.take_along_axis(probs, labels[..., None], axis=-1)[..., 0]
 
 
-def aekt(teacher: TeacherFn, num_classes: int, *, steps_per_epoch: int | None = None,
+def aekt(teacher: TeacherFn, *, steps_per_epoch: int | None = None,
          alpha: float = 1.0, beta: float = 8.0,
          temperature: float = 4.0, warmup_epochs: float = 20.0, weight_fn: str = "ratio",
-         max_weight: float = 1.0, serialization_head: bool = True,
-         head_optimizer: optax.GradientTransformation | None = None) -> Method:
+         max_weight: float = 1.0, serialization_head: bool = True) -> Method:
   r"""Adaptive explicit knowledge transfer (AEKT) — a **reconstruction**.
 
   The paper (arXiv 2409.01679) builds on DKD; its code is not public and the text gives the
@@ -59,10 +40,10 @@ def aekt(teacher: TeacherFn, num_classes: int, *, steps_per_epoch: int | None = 
 
         L = CE(z, y) + min((e + 1) / warmup, 1) (alpha w TCKD(h(z), z_t) + beta NCKD(h(z), z_t))
 
-    Gradients reach the backbone through `h(z)`; the head itself is trained by the method (its
-    distillation gradient, averaged over devices, through `head_optimizer`) and lives in the
-    method state, so the model has no extra parameters and evaluation uses `z` alone.
-    `serialization_head=False` distils on `z` directly.
+    `h` is a head attached to the model (`heads.with_heads(backbone,
+    heads.SerializationHead(C))`, read as `outputs['serialized_logits']`) and trained with it
+    by the caller's optimizer; gradients reach the backbone through `h(z)`, and evaluation
+    uses `z` alone. `serialization_head=False` distils on `z` directly (no head needed).
 
   Defaults `alpha`, `beta`, `T`, warm-up are DKD's CIFAR values; `max_weight = 1` (the weight
   only ever lowers TCKD) and the identity initialisation are ours. Measured on Fashion-MNIST
@@ -73,16 +54,13 @@ def aekt(teacher: TeacherFn, num_classes: int, *, steps_per_epoch: int | None = 
   Args:
     teacher: `teacher(outputs, batch, hooks) -> [B, C]` teacher logits (a checkpoint through
       `kd.network_teacher()`, or ReffAKD soft labels as `log S_soft[y]`).
-    num_classes: C (the head's size).
     steps_per_epoch, alpha, beta, temperature, warmup_epochs: as in `dkd`.
     weight_fn: 'ratio' (adaptive, default) or 'constant'.
     max_weight: upper clip of the adaptive weight (> 0).
-    serialization_head: use the task-serialization head (default True).
-    head_optimizer: trains the head; default `optax.sgd(0.05, momentum=0.9)`. The trainer
-      passes one built from the run's optimizer config.
+    serialization_head: distil on the head's `outputs['serialized_logits']` (default True).
 
   Returns:
-    A `Method` whose state is an `AEKTState`. Metrics: `aekt_distill`, `aekt_weight` (mean w),
+    A stateless `Method`. Metrics: `aekt_distill`, `aekt_weight` (mean w),
     `aekt_warmup`.
 
   References:
@@ -93,19 +71,18 @@ def aekt(teacher: TeacherFn, num_classes: int, *, steps_per_epoch: int | None = 
     raise ValueError(f"aekt: weight_fn={weight_fn!r}; allowed: {', '.join(WEIGHT_FUNCTIONS)}")
   if max_weight <= 0:
     raise ValueError(f"aekt: max_weight must be > 0, got {max_weight}")
-  if head_optimizer is None:
-    head_optimizer = optax.sgd(0.05, momentum=0.9)
 
-  def init(rng=None):
-    del rng
-    if not serialization_head:
-      return AEKTState({}, {})
-    params = {"kernel": jnp.eye(num_classes, dtype=jnp.float32),
-              "bias": jnp.zeros((num_classes,), jnp.float32)}
-    return AEKTState(params, head_optimizer.init(params))
-
-  def distillation(head_params, logits, teacher_logits, labels, warmup):
-    serialized = _serialize(head_params, logits)
+  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
+    del axis_name
+    logits, labels = outputs["logits"], batch["label"]
+    serialized = logits
+    if serialization_head:
+      require_outputs("aekt", outputs, ("serialized_logits",),
+                      "attach heads.SerializationHead(num_classes) with heads.with_heads, or "
+                      "set serialization_head=False")
+      serialized = outputs["serialized_logits"]
+    teacher_logits = lax.stop_gradient(teacher(outputs, batch, hooks))
+    warmup = warmup_factor(step, steps_per_epoch, warmup_epochs)
     if weight_fn == "ratio":
       # p_s from the classifier (the student's own prediction, what inference uses), not from
       # the head: weighing by the head's p_s lets the head and the weight feed each other
@@ -115,28 +92,10 @@ def aekt(teacher: TeacherFn, num_classes: int, *, steps_per_epoch: int | None = 
       weight = jnp.clip(lax.stop_gradient(ratio), 0.0, max_weight)
     else:
       weight = jnp.ones(labels.shape, jnp.float32)
-    per_example = warmup * losses.dkd_loss(serialized, teacher_logits, labels,
-                                           alpha=alpha * weight, beta=beta,
-                                           temperature=temperature)
-    return per_example, weight
-
-  def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
-    logits, labels = outputs["logits"], batch["label"]
-    teacher_logits = lax.stop_gradient(teacher(outputs, batch, hooks))
-    warmup = warmup_factor(step, steps_per_epoch, warmup_epochs)
-    distill, weight = distillation(state.head_params, logits, teacher_logits, labels, warmup)
-    new_state = state
-    if serialization_head:
-      # The head's own step: the same terms, with the classifier's logits held fixed.
-      def head_loss(params):
-        return jnp.mean(distillation(params, lax.stop_gradient(logits), teacher_logits,
-                                     labels, warmup)[0])
-
-      grads = jax.grad(head_loss)(state.head_params)
-      new_state = AEKTState(*owned_params_step(head_optimizer, state.head_params,
-                                               state.head_opt_state, grads, axis_name))
+    distill = warmup * losses.dkd_loss(serialized, teacher_logits, labels, alpha=alpha * weight,
+                                       beta=beta, temperature=temperature)
     loss = losses.cross_entropy(logits, labels) + distill
-    return loss, new_state, {"aekt_distill": distill.mean(), "aekt_weight": weight.mean(),
-                             "aekt_warmup": warmup}
+    return loss, state, {"aekt_distill": distill.mean(), "aekt_weight": weight.mean(),
+                         "aekt_warmup": warmup}
 
-  return Method(init, update)
+  return Method(stateless_init, update)

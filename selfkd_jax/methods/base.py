@@ -23,19 +23,23 @@ A method is a `Method(init, update, ...)` of pure functions:
 - The returned loss is per example ([B]); the caller averages it over the global batch.
 - `metrics` is a dict of scalars (already reduced over the local batch) for logging.
 
-A `Method` is a static value: hashable and not a pytree. Close over it, pass it as a static
-argument (`jax.jit(..., static_argnames='method')`), or keep it in a `flax.struct` field with
-`pytree_node=False`; passing it where JAX expects arrays raises a `TypeError` that says so.
+A `Method` is a static value: frozen, hashable, and a pytree with no leaves (the method itself
+is the tree's static structure). So it can be closed over, passed as a static argument
+(`jax.jit(..., static_argnames='method')`; `nnx.jit` too, which flattens static arguments), held
+in a `flax.struct` field (with or without `pytree_node=False`), or even passed as an ordinary
+argument of a jitted function: it never becomes a traced value, and a different method is a
+different compilation cache key.
 
 `refresh` is `None` for most methods. A method that rebuilds its state from a clean pass over
 the training data at the end of an epoch (PS-KD's `refresh='epoch_end_eval'`) sets it to
 `refresh(state, outputs, batch, *, axis_name=None) -> state`, called with eval-mode,
 un-augmented outputs for every training batch.
 
-`owned` is `None` for most methods. A method that trains parameters of its own on the same loss
-as the model (BYOT's and LSSKD's exits) sets it to an `OwnedParams`, so a caller can
-differentiate the loss with respect to the model's and the method's parameters in one backward
-pass instead of letting `update` run the exits a second time for their own gradient.
+Parameters a method trains (RAS-KD's auxiliary classifier, AEKT's serialization head, BYOT's
+and LSSKD's exits) are not in its state: they are Flax modules attached to the model
+(`selfkd_jax.heads.with_heads`), trained with the model's parameters by the caller's optimizer;
+the method reads their outputs (`outputs['aux_logits']`, `outputs['exit_logits']`, ...) and its
+loss holds the terms that train them.
 """
 
 from __future__ import annotations
@@ -84,52 +88,18 @@ class MethodHooks(NamedTuple):
       need a second forward pass (a weight snapshot, a partner batch). `None` when the caller
       offers none.
     variables: the current model variables, for methods that snapshot them.
-    images: the batch's images as augmented and normalised for the model (before any
-      `Method.train_inputs`), for methods that run another network on the same inputs (a
+    images: the batch's images as augmented and normalised for the model (B rows, before
+      LSSKD's rotations), for methods that run another network on the same inputs (a
       snapshot, a teacher).
     teacher: `teacher(images) -> outputs` runs a frozen teacher network in eval mode (no
       gradient); `None` when the run has no network teacher.
-    owned_differentiated: `True` when the caller differentiates the loss with respect to
-      `method.owned.get(state)` along with the model's parameters and then calls
-      `method.owned.apply_gradients` (see `OwnedParams`); `update` then computes the loss with
-      one pass of its exits and leaves their optimizer step to the caller. `False` (default):
-      `update` takes that step itself.
+
+  `selfkd_jax.adapters` builds these from a Flax Linen or NNX model.
   """
   forward: Callable[..., Outputs] | None = None
   variables: PyTree | None = None
   images: jax.Array | None = None
   teacher: Callable[[jax.Array], Outputs] | None = None
-  owned_differentiated: bool = False
-
-
-class OwnedParams(NamedTuple):
-  """The parameters a method trains itself, exposed so a caller can differentiate them.
-
-  The gradient of the per-example loss mean with respect to them is what the method's own step
-  would use (nothing but the method's loss terms depends on them). A caller that wants one
-  backward pass for model and method:
-
-      owned = method.owned.get(state)
-      def loss_fn(params, owned):
-        outputs = model.apply(params, x)
-        loss, new_state, metrics = method.update(
-            method.owned.put(state, owned), outputs, batch, step=step,
-            hooks=MethodHooks(owned_differentiated=True))
-        return loss.mean(), new_state
-      (_, new_state), (grads, owned_grads) = jax.value_and_grad(
-          loss_fn, argnums=(0, 1), has_aux=True)(params, owned)
-      new_state = method.owned.apply_gradients(new_state, owned_grads)
-
-  Attributes:
-    get: `get(state) -> params`, the method's trainable parameters.
-    put: `put(state, params) -> state` with those parameters replaced.
-    apply_gradients: `apply_gradients(state, grads) -> state`, one optimizer step of the
-      parameters given the gradient of the global-batch mean loss (already averaged over
-      devices).
-  """
-  get: Callable[[PyTree], PyTree]
-  put: Callable[[PyTree, PyTree], PyTree]
-  apply_gradients: Callable[[PyTree, PyTree], PyTree]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,39 +107,18 @@ class Method:
   """A self-distillation method as a pair of pure functions (plus optional extras).
 
   A static value (see the module docstring): frozen, hashable, compared by its functions, and
-  not a pytree.
-
-  `exit_logits(state, outputs) -> {name: [B, C] logits}`: for methods that own auxiliary exits
-  (BYOT, LSSKD), the exits' predictions from eval-mode model outputs, so evaluation can report
-  every exit's accuracy; `None` for the others. The model's own logits are never among them.
-
-  `train_inputs(images [B, ...]) -> images [R·B, ...]`: for methods that train the model on more
-  views of each image than the batch holds (LSSKD's four rotations). The caller runs the model
-  on the returned images, whose first B rows must be the batch itself, so `outputs` passed to
-  `update` have R·B rows while `batch` keeps B; training accuracy is read from the first B.
-  `None` = the batch as it is.
-
-  `owned`: the parameters the method trains itself, for a caller that differentiates them with
-  the model's (`OwnedParams`); `None` when it has none or trains them apart from the model's loss.
+  not a pytree. `refresh` is the one optional extra (see the module docstring).
   """
   init: InitFn
   update: UpdateFn
   refresh: Callable[..., PyTree] | None = None
-  exit_logits: Callable[..., dict[str, jax.Array]] | None = None
-  train_inputs: Callable[[jax.Array], jax.Array] | None = None
-  owned: OwnedParams | None = None
 
 
-def _refuse_to_flatten(method: Method):
-  raise TypeError(
-      "a selfkd_jax Method is a static value, not a pytree of arrays: close over it, pass it as "
-      "a static argument (jax.jit(f, static_argnames='method')), or keep it in a flax.struct "
-      "field declared with pytree_node=False")
-
-
-# Registered only so that tracing a method by mistake says what to do instead of failing on
-# "<function> is not a valid JAX type" somewhere inside it.
-jax.tree_util.register_pytree_node(Method, _refuse_to_flatten, lambda aux, children: None)
+# A pytree node with no children and the method itself as static data: JAX never tries to trace
+# its functions (a NamedTuple of functions failed with "<function> is not a valid JAX type"),
+# and a method passed as an argument is part of the jit cache key, like a static argument.
+jax.tree_util.register_pytree_node(Method, lambda method: ((), method),
+                                   lambda method, children: method)
 
 
 def epoch_of_step(step: jax.Array, steps_per_epoch: int) -> jax.Array:
@@ -193,3 +142,22 @@ class EmptyState(NamedTuple):
 def stateless_init(rng: jax.Array | None = None) -> EmptyState:
   del rng
   return EmptyState()
+
+
+def require_outputs(method: str, outputs: Outputs, keys: tuple[str, ...], hint: str = "") -> None:
+  """Raises a ValueError naming `method` and the missing keys unless `outputs` has all `keys`."""
+  missing = [k for k in keys if k not in outputs]
+  if missing:
+    raise ValueError(f"{method}: needs outputs {', '.join(repr(k) for k in missing)} (the model "
+                     f"returned {', '.join(sorted(outputs))}){'; ' + hint if hint else ''}")
+
+
+def check_arguments(method: str, *checks: tuple[str, Any, bool, str]) -> None:
+  """Constructor validation in one place: each check is `(name, value, ok, requirement)`.
+
+  Raises `ValueError("<method>: <name> must be <requirement>, got <value>")` for the first
+  check whose `ok` is false, so every constructor refuses a bad value with the same one line.
+  """
+  for name, value, ok, requirement in checks:
+    if not ok:
+      raise ValueError(f"{method}: {name} must be {requirement}, got {value!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from selfkd_jax.methods.base import Method, OwnedParams
+from selfkd_jax.methods.base import Method
 
 
 def combine(weights: Sequence[float], *transforms: Method) -> Method:
@@ -13,13 +13,9 @@ def combine(weights: Sequence[float], *transforms: Method) -> Method:
   Metrics keep their names; a name two transforms share gets the transform's position as a
   prefix (`'1/name'`) so nothing is overwritten. `refresh` calls every transform's refresh.
 
-  Transforms with exits of their own (BYOT): `exit_logits` merges their exits (names prefixed
-  with the position when more than one transform has exits), and `owned` collects their
-  parameters, so a caller differentiating them (our trainer) steps each transform's exits on
-  the gradient of the combined loss, i.e. scaled by that transform's weight. A plain `update`
-  lets each transform step its exits on its own, unweighted loss. A transform that changes the
-  model's inputs (`train_inputs`, LSSKD's rotations) cannot be combined: the others would get
-  outputs for more rows than the batch has.
+  Every transform sees the same `outputs`, so a head one transform reads (BYOT's exits) is
+  trained by that transform's weighted terms; LSSKD's rotated outputs have 4·B rows and cannot
+  be shared with a transform that expects B.
 
   Example: PS-KD targets plus a 0.5-weighted label-smoothing term:
       method = combine([1.0, 0.5], pskd(N, C, E), label_smoothing(0.1))
@@ -28,10 +24,6 @@ def combine(weights: Sequence[float], *transforms: Method) -> Method:
     raise ValueError(f"combine: {len(weights)} weights for {len(transforms)} transforms")
   if not transforms:
     raise ValueError("combine: needs at least one transform")
-  for position, transform in enumerate(transforms):
-    if transform.train_inputs is not None:
-      raise ValueError(f"combine: transform {position} has train_inputs (it trains the model on "
-                       "more views than the batch, as LSSKD); it cannot be combined")
 
   def init(rng=None):
     return tuple(t.init(rng) for t in transforms)
@@ -54,35 +46,5 @@ def combine(weights: Sequence[float], *transforms: Method) -> Method:
         t.refresh(s, outputs, batch, axis_name=axis_name) if t.refresh is not None else s
         for t, s in zip(transforms, state))
 
-  with_exits = [(p, t) for p, t in enumerate(transforms) if t.exit_logits is not None]
-
-  def exit_logits(state, outputs):
-    merged = {}
-    for position, transform in with_exits:
-      for name, logits in transform.exit_logits(state[position], outputs).items():
-        merged[f"{position}/{name}" if len(with_exits) > 1 else name] = logits
-    return merged
-
   has_refresh = any(t.refresh is not None for t in transforms)
-  return Method(init, update, refresh if has_refresh else None,
-                exit_logits=exit_logits if with_exits else None,
-                owned=_combined_owned(transforms))
-
-
-def _combined_owned(transforms: Sequence[Method]) -> OwnedParams | None:
-  """The owned parameters of every transform that has some, as a tuple (None for the rest)."""
-  if all(t.owned is None for t in transforms):
-    return None
-
-  def get(state):
-    return tuple(None if t.owned is None else t.owned.get(s) for t, s in zip(transforms, state))
-
-  def put(state, params):
-    return tuple(s if t.owned is None else t.owned.put(s, p)
-                 for t, s, p in zip(transforms, state, params))
-
-  def apply_gradients(state, grads):
-    return tuple(s if t.owned is None else t.owned.apply_gradients(s, g)
-                 for t, s, g in zip(transforms, state, grads))
-
-  return OwnedParams(get, put, apply_gradients)
+  return Method(init, update, refresh if has_refresh else None)

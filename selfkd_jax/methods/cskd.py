@@ -7,9 +7,10 @@ import jax
 from selfkd_jax import losses
 from selfkd_jax.methods.base import Method, stateless_init
 
-_NO_PARTNERS = ("cskd: the batch has no 'partner_image'; CS-KD needs the data pipeline to pair "
-                "every anchor with a same-class example (TrainBatches(..., partners=True)) and "
-                "the train step to augment and normalise the partner images")
+_NO_PARTNERS = ("cskd: the batch has no 'partner_image'; pair every anchor with a same-class "
+                "example (your own loop: selfkd_jax.partners.SameClassPartners; the trainer: "
+                "TrainBatches(..., partners=True)) and pass the partner images as the model "
+                "sees them")
 
 
 def cskd(*, temperature: float = 4.0, weight: float = 1.0) -> Method:
@@ -68,8 +69,8 @@ def cskd(*, temperature: float = 4.0, weight: float = 1.0) -> Method:
       raise ValueError(_NO_PARTNERS)
     if hooks is None or hooks.forward is None or hooks.variables is None:
       raise ValueError("cskd: needs hooks.forward and hooks.variables to run the partner "
-                       "forward pass with the current parameters; the train step must pass "
-                       "MethodHooks(forward=..., variables=...)")
+                       "forward pass with the current parameters; pass "
+                       "hooks=adapters.linen_hooks(...) or adapters.nnx_hooks(...)")
     logits, labels = outputs["logits"], batch["label"]
     partner_outputs = hooks.forward(jax.lax.stop_gradient(hooks.variables),
                                     batch["partner_image"], train=True)

@@ -39,8 +39,10 @@ def network_teacher() -> TeacherFn:
     del outputs, batch
     if hooks is None or hooks.teacher is None or hooks.images is None:
       raise ValueError("network_teacher needs hooks.teacher and hooks.images (a frozen teacher "
-                       "network and the batch's images); the trainer supplies them when the "
-                       "config has config.teacher")
+                       "network and the batch's images): in your own loop pass "
+                       "hooks=adapters.linen_hooks(..., teacher=adapters.as_teacher(...)) or "
+                       "adapters.nnx_hooks(..., teacher=...); the trainer supplies them when "
+                       "the config has config.teacher")
     return hooks.teacher(hooks.images)["logits"]
 
   return teacher

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, PyTree
+from selfkd_jax.methods.base import Method, PyTree, check_arguments
 
 TC_MODES = ("mix", "swap")
 TC_WHEN = ("always", "wrong")
@@ -161,18 +161,17 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
     Regularization with Knowledge Distillation, Applied Sciences 11(10):4699, 2021.
     Reconstruction from the abstract: no code and no full text were found.
   """
-  if int(refresh_every) != refresh_every or refresh_every < 1:
-    raise ValueError(f"mrkd: refresh_every must be an integer >= 1, got {refresh_every}")
-  if int(num_snapshots) != num_snapshots or num_snapshots < 1:
-    raise ValueError(f"mrkd: num_snapshots must be an integer >= 1, got {num_snapshots}")
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"mrkd: alpha must be in [0, 1], got {alpha}")
-  if not temperature > 0:
-    raise ValueError(f"mrkd: temperature must be > 0, got {temperature}")
+  check_arguments(
+      "mrkd",
+      ("refresh_every", refresh_every, int(refresh_every) == refresh_every >= 1,
+       "an integer >= 1"),
+      ("num_snapshots", num_snapshots, int(num_snapshots) == num_snapshots >= 1,
+       "an integer >= 1"),
+      ("alpha", alpha, 0.0 <= alpha <= 1.0, "in [0, 1]"),
+      ("temperature", temperature, temperature > 0, "> 0"),
+      ("tc_beta", tc_beta, 0.0 <= tc_beta <= 1.0, "in [0, 1]"))
   if tc is not None and tc not in TC_MODES:
     raise ValueError(f"mrkd: unknown tc {tc!r}; allowed: None, {', '.join(TC_MODES)}")
-  if not 0.0 <= tc_beta <= 1.0:
-    raise ValueError(f"mrkd: tc_beta must be in [0, 1], got {tc_beta}")
   if tc_when not in TC_WHEN:
     raise ValueError(f"mrkd: unknown tc_when {tc_when!r}; allowed: {', '.join(TC_WHEN)}")
   template_leaves, template_def = jax.tree.flatten(variables_template)
@@ -189,17 +188,6 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
                      num_filled=jnp.zeros((), jnp.int32),
                      next_slot=jnp.zeros((), jnp.int32))
 
-  def checked_leaves(variables):
-    leaves, treedef = jax.tree.flatten(variables)
-    if treedef != template_def:
-      raise ValueError(f"mrkd: hooks.variables has tree {treedef}, but variables_template has "
-                       f"{template_def}")
-    for i, (leaf, shape) in enumerate(zip(leaves, shapes)):
-      if tuple(leaf.shape) != shape:
-        raise ValueError(f"mrkd: hooks.variables leaf {i} has shape {tuple(leaf.shape)}, "
-                         f"variables_template has {shape}")
-    return [lax.stop_gradient(leaf).astype(d) for leaf, d in zip(leaves, dtypes)]
-
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del axis_name  # snapshots of replicated variables are replicated: no collective
     if hooks is None or hooks.forward is None or hooks.variables is None or hooks.images is None:
@@ -208,20 +196,11 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
     num_classes = logits.shape[-1]
 
     # 1. Push the current variables on refresh steps (before the teacher is computed).
-    current = checked_leaves(hooks.variables)
+    current = _checked_leaves(hooks.variables, template_def, shapes, dtypes)
     step = jnp.asarray(step)
     refresh = (step > 0) & (step % refresh_every == 0)
-
-    def push(buffers):
-      return [buf.at[state.next_slot].set(leaf) for buf, leaf in zip(buffers, current)]
-
-    buffers = lax.cond(refresh, push, lambda b: list(b), jax.tree.leaves(state.snapshots))
-    snapshots = jax.tree.unflatten(template_def, buffers)
-    num_filled = jnp.where(refresh, jnp.minimum(state.num_filled + 1, num_snapshots),
-                           state.num_filled).astype(jnp.int32)
-    next_slot = jnp.where(refresh, (state.next_slot + 1) % num_snapshots,
-                          state.next_slot).astype(jnp.int32)
-    new_state = MrKDState(snapshots=snapshots, num_filled=num_filled, next_slot=next_slot)
+    new_state = _push_on_refresh(state, current, refresh, num_snapshots)
+    snapshots, num_filled = new_state.snapshots, new_state.num_filled
 
     # 2. The teacher: averaged tempered probabilities of the filled snapshots, eval mode.
     q = lax.stop_gradient(_tempered_average(snapshots, num_filled, hooks.forward, hooks.images,
@@ -246,3 +225,34 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
     return loss, new_state, metrics
 
   return Method(init, update)
+
+
+def _checked_leaves(variables, template_def, shapes, dtypes):
+  """The leaves of `variables` (stop-gradient, template dtypes) after checking tree and shapes."""
+  leaves, treedef = jax.tree.flatten(variables)
+  if treedef != template_def:
+    raise ValueError(f"mrkd: hooks.variables has tree {treedef}, but variables_template has "
+                     f"{template_def}")
+  for i, (leaf, shape) in enumerate(zip(leaves, shapes)):
+    if tuple(leaf.shape) != shape:
+      raise ValueError(f"mrkd: hooks.variables leaf {i} has shape {tuple(leaf.shape)}, "
+                       f"variables_template has {shape}")
+  return [lax.stop_gradient(leaf).astype(d) for leaf, d in zip(leaves, dtypes)]
+
+
+def _push_on_refresh(state, current, refresh, num_snapshots):
+  """`state` with `current` pushed into slot `next_slot` when `refresh` (a traced flag).
+
+  A `lax.cond`, so the copy is only made on refresh steps.
+  """
+  def push(buffers):
+    return [buf.at[state.next_slot].set(leaf) for buf, leaf in zip(buffers, current)]
+
+  leaves, treedef = jax.tree.flatten(state.snapshots)
+  buffers = lax.cond(refresh, push, list, leaves)
+  num_filled = jnp.where(refresh, jnp.minimum(state.num_filled + 1, num_snapshots),
+                         state.num_filled).astype(jnp.int32)
+  next_slot = jnp.where(refresh, (state.next_slot + 1) % num_snapshots,
+                        state.next_slot).astype(jnp.int32)
+  return MrKDState(snapshots=jax.tree.unflatten(treedef, buffers), num_filled=num_filled,
+                   next_slot=next_slot)

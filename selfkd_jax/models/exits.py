@@ -1,7 +1,7 @@
 """Auxiliary exits (early classifiers) on a backbone's stage features, for BYOT/HSAKD/LSSKD.
 
-The exits are a separate linen module, never part of the backbone: a method owns their
-variables (and trains them), so the plain model keeps exactly its own parameters and
+The exits are a separate linen module, never part of the backbone: `heads.ExitHead` attaches
+them to it (`heads.with_heads`), so the backbone keeps exactly its own parameters and
 evaluation/export use the backbone alone. The backbone only has to return
 `outputs['stage_features']` (every model in this package does).
 
@@ -240,6 +240,7 @@ class Exits(nn.Module):
     attention, conv: `ByotExit` options ('byot').
     block, blocks_per_stage: `HsakdExit` options ('hsakd').
     adapters: a linear adapter per exit (else the exit features are returned as they are).
+    rotations: joint-label factor of the logits (`num_outputs = rotations · C`; 1 for 'byot').
     dtype: computation dtype.
 
   `__call__(stage_features, *, train, axis_name=None) -> (logits, adapted_features)`: tuples
@@ -257,6 +258,7 @@ class Exits(nn.Module):
   block: str = 'conv'
   blocks_per_stage: tuple[int, ...] = ()
   adapters: bool = True
+  rotations: int = 1
   dtype: Any = jnp.float32
 
   @property
@@ -371,7 +373,8 @@ def make_exits(kind: str, stage_shapes: Sequence[Any], feature_dim: int, num_cla
   return Exits(kind=kind, stage_shapes=shapes, exit_stages=exit_stages,
                feature_dim=int(feature_dim), num_outputs=int(num_outputs),
                attention=bool(attention), conv=conv, block=block,
-               blocks_per_stage=blocks_per_stage, adapters=bool(adapters), dtype=dtype)
+               blocks_per_stage=blocks_per_stage, adapters=bool(adapters),
+               rotations=int(rotations) if kind == 'hsakd' else 1, dtype=dtype)
 
 
 def backbone_exit_kwargs(model: nn.Module) -> dict[str, Any]:

@@ -299,11 +299,13 @@ def train_autoencoder(images: np.ndarray, *, mean, std, recipe: Recipe, seed: in
     init_key, augment_key = jax.random.split(jax.random.key(seed))
     state = init_state(init_key)
 
-    start_epoch = checkpointer.latest_step() or 0
-    if start_epoch:
+    start_epoch = 0
+    if checkpointer.latest_step() is not None:
+      # The newest checkpoint that verifies (an older one when the latest is damaged).
+      restored, start_epoch = checkpointer.restore(state)
       # Orbax hands back arrays committed to their device, the initial state is uncommitted:
       # the step would compile twice more for them (~6 s). The host round trip is exact.
-      state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), checkpointer.restore(state))
+      state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
       log(f'ReffAKD autoencoder: resuming from epoch {start_epoch}/{recipe.epochs} '
           f'({checkpointer.directory})')
 

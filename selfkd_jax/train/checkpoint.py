@@ -1,43 +1,189 @@
-"""Orbax checkpoints of the whole train state under `<workdir>/checkpoints`.
+"""Verified Orbax checkpoints of the whole train state under `<workdir>/checkpoints`.
 
 The saved pytree is the global-layout `TrainState`: parameters, BatchNorm statistics, optimizer
 state, method state (past predictions included, saved shard by shard), the step (which fixes the
 data position) and the RNG. Orbax writes each step to a temporary directory and renames it when
-complete, so a run killed mid-save leaves the previous checkpoint intact and never a half-written
-one that restore would pick up.
+complete, so a run killed mid-save leaves the previous checkpoint intact.
+
+What Orbax does not catch, this adds:
+
+- **A checksum of what was written.** After a save completes, process 0 records the SHA-256 of
+  every file of the step (path, size, digest) in `<workdir>/checkpoint_checksums/<step>.json`,
+  written atomically. A checkpoint without that record (a run killed between the two) or whose
+  files no longer match it (a flipped byte, a truncated or deleted file) is not trusted. One
+  exception: a step Orbax finished whose record is missing (the run was killed between the
+  save and the record, a window of milliseconds) is restored if Orbax can restore it, said so,
+  and recorded then; otherwise a kill at that moment would cost the only checkpoint.
+- **Fallback.** `restore` tries the steps newest first and takes the first that verifies and
+  restores, reporting every step it skipped and why; a damaged latest checkpoint costs the
+  steps since the one before it, never the run.
+- **Deletion after verification.** Older steps are deleted only once a newer one is verified,
+  keeping the `keep` newest verified steps (at least one).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+from typing import Any, Callable
 
+import jax
 import orbax.checkpoint as ocp
 
-from selfkd_jax.train.workdir_files import CHECKPOINT_DIR
+from selfkd_jax.train.run_log import write_json_atomic
+from selfkd_jax.train.workdir_files import CHECKPOINT_DIR, CHECKSUM_DIR
+
+_CHUNK = 1 << 22
+
+
+class NoUsableCheckpoint(RuntimeError):
+  """Checkpoints exist but none verifies and restores; the message lists why each failed."""
+
+
+def step_checksums(step_dir: str) -> dict[str, list]:
+  """`{relative path: [size, sha256]}` of every file under `step_dir`."""
+  files = {}
+  for root, _, names in os.walk(step_dir):
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      digest = hashlib.sha256()
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+          digest.update(chunk)
+      files[os.path.relpath(path, step_dir)] = [os.path.getsize(path), digest.hexdigest()]
+  return files
 
 
 class Checkpointer:
   """Save/restore of the train state, synchronous so a save is complete when `save` returns."""
 
-  def __init__(self, workdir: str, keep: int = 2):
+  def __init__(self, workdir: str, keep: int = 2, log: Callable[[str], Any] = print):
+    if keep < 1:
+      raise ValueError(f"keep must be >= 1, got {keep}")
+    self.keep = keep
+    self.log = log
     self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    self.checksum_directory = os.path.abspath(os.path.join(workdir, CHECKSUM_DIR))
+    # max_to_keep=None: Orbax would delete old steps before the new one is verified.
+    options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
+  def _step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def _record_path(self, step: int) -> str:
+    return os.path.join(self.checksum_directory, f"{step}.json")
+
+  def steps(self) -> list[int]:
+    """Every step directory on disk (finished by Orbax or not verified yet), newest first."""
+    if not os.path.isdir(self.directory):
+      return []
+    return sorted((int(name) for name in os.listdir(self.directory)
+                   if name.isdigit() and os.path.isdir(os.path.join(self.directory, name))),
+                  reverse=True)
+
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    """The newest step on disk (it may still fail verification at restore)."""
+    steps = self.steps()
+    return steps[0] if steps else None
+
+  def verify(self, step: int) -> str | None:
+    """None when `step`'s files match their recorded checksums, else why not (one line)."""
+    path = self._record_path(step)
+    if not os.path.exists(path):
+      return "no checksum record (the run stopped before recording one)"
+    try:
+      with open(path) as f:
+        recorded = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      return f"unreadable checksum record {path} ({e})"
+    actual = step_checksums(self._step_dir(step))
+    missing = sorted(set(recorded) - set(actual))
+    if missing:
+      return f"missing file {missing[0]}"
+    for name, (size, digest) in sorted(recorded.items()):
+      if actual[name][0] != size:
+        return f"{name} has {actual[name][0]} bytes, {size} were written"
+      if actual[name][1] != digest:
+        return f"{name} does not match its checksum (changed on disk)"
+    return None
+
+  def _record(self, step: int) -> None:
+    if jax.process_index() == 0:
+      os.makedirs(self.checksum_directory, exist_ok=True)
+      write_json_atomic(self._record_path(step),
+                        {"step": step, "files": step_checksums(self._step_dir(step))})
+
+  def _delete(self, step: int) -> None:
+    shutil.rmtree(self._step_dir(step), ignore_errors=True)
+    if os.path.exists(self._record_path(step)):
+      os.remove(self._record_path(step))
 
   def save(self, step: int, state) -> None:
-    if step in self._manager.all_steps():
-      return
+    if step in self.steps():
+      if self.verify(step) is None:
+        return
+      # A leftover of this step that never verified (a run stopped before recording its
+      # checksum): replace it.
+      if jax.process_index() == 0:
+        self._delete(step)
+      self._manager.reload()
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     self._manager.wait_until_finished()
+    self._record(step)
+    if jax.process_index() == 0:
+      self._delete_old(step)
 
-  def restore(self, abstract_state, step: int | None = None):
-    """Restores `step` (default: the latest) into the shapes and shardings of `abstract_state`."""
-    step = self.latest_step() if step is None else step
-    return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  def _delete_old(self, newest: int) -> None:
+    """Keeps the `keep` newest verified steps (the new one included); deletes older steps."""
+    kept = 0
+    for step in self.steps():
+      if step > newest:
+        continue
+      if kept < self.keep and (step == newest or self.verify(step) is None):
+        kept += 1
+        continue
+      if kept >= self.keep:  # older than every kept step: safe to delete
+        self._delete(step)
+    self._manager.reload()
+
+  def restore(self, abstract_state=None):
+    """The newest step that verifies and restores into `abstract_state`'s shapes and shardings
+    (None: the saved tree as plain arrays).
+
+    Returns `(state, step)`. Every skipped step is reported through `log` with the reason.
+
+    Raises:
+      NoUsableCheckpoint: steps exist but none verifies and restores.
+    """
+    self._manager.reload()
+    failures = []
+    args = (ocp.args.StandardRestore() if abstract_state is None
+            else ocp.args.StandardRestore(abstract_state))
+    for step in self.steps():
+      unrecorded = not os.path.exists(self._record_path(step))
+      problem = None if unrecorded else self.verify(step)
+      if problem is None:
+        try:
+          state = self._manager.restore(step, args=args)
+        except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)
+          problem = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+          if unrecorded:
+            problem = f"no checksum record and {problem}"
+        else:
+          if unrecorded:
+            self.log(f"Checkpoint {step} has no checksum record (the run stopped right after "
+                     "saving it); restored it unverified and recorded it now")
+            self._record(step)
+          return state, step
+      failures.append(f"{step} ({problem})")
+      self.log(f"Skipping checkpoint {step}: {problem}")
+    raise NoUsableCheckpoint(
+        f"no usable checkpoint in {self.directory}: " + "; ".join(failures)
+        + "; move the directory away to start over")
 
   def close(self) -> None:
     self._manager.close()

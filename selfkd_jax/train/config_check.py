@@ -13,7 +13,8 @@ from selfkd_jax.data.grain_reader import READERS
 from selfkd_jax.train import optim
 from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
                                              needs_network_teacher)
-from selfkd_jax.train.workdir_files import CONFIG_FILE, RESUMABLE_KEYS
+from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
+                                            RESUMABLE_KEYS)
 
 PARALLEL_MODES = ("shard_map", "pmap")
 UNBOUNDED_WEIGHTS = ("dkd", "aekt")
@@ -88,9 +89,12 @@ def check_config(config, num_devices: int) -> None:
                       "(0 = the whole training set)")
   _allowed("config.optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
   _allowed("config.optimizer.schedule", config.optimizer.schedule, optim.SCHEDULES)
-  if config.optimizer.learning_rate <= 0:
+  if not config.optimizer.learning_rate > 0:  # also refuses nan
     raise ConfigError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} "
                       "must be > 0")
+  if config.get("keep_checkpoints", 2) < 1:
+    raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1 (a run "
+                      "keeps at least its latest checkpoint)")
 
 
 def _check_teacher(config, num_devices: int) -> None:
@@ -133,18 +137,34 @@ def comparable(config_dict: dict) -> dict:
 
 
 def check_workdir(config, workdir: str) -> None:
-  """Refuses a workdir whose checkpoints were written by a different config."""
+  """Refuses a workdir whose checkpoints or results were written by a different config.
+
+  A config.json with nothing trained next to it (a run refused or stopped before its first
+  checkpoint) binds nothing: the next run replaces it.
+  """
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not os.path.exists(path) or not _holds_a_run(workdir):
     return
-  with open(path) as f:
-    saved = comparable(json.load(f))
+  try:
+    with open(path) as f:
+      saved = comparable(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is unreadable ({e}); it records which config this workdir's "
+                      "checkpoints belong to: restore it or use another --workdir") from None
   current = comparable(json.loads(config.to_json()))
   for key in sorted(set(saved) | set(current)):
     if saved.get(key) != current.get(key):
       raise ConfigError(
           f"workdir {workdir} holds checkpoints of a different config (config.{key}: saved "
           f"{_flat_diff(saved.get(key), current.get(key))}); use another --workdir")
+
+
+def _holds_a_run(workdir: str) -> bool:
+  """Whether `workdir` has results or at least one checkpoint step."""
+  if os.path.exists(os.path.join(workdir, RESULTS_FILE)):
+    return True
+  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
+  return os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
 
 
 def _flat_diff(saved, current) -> str:

@@ -26,18 +26,26 @@ from selfkd_jax.methods import table_bytes
 from selfkd_jax.metrics import calibration_bins, classification_metrics
 from selfkd_jax.train import config_check, optim, parallel, run_log, teacher as teacher_lib
 from selfkd_jax.train.checkpoint import Checkpointer
-from selfkd_jax.train.method_factory import (MethodContext, build_method, model_fields,
-                                             needs_network_teacher, needs_partners)
+from selfkd_jax.train.method_factory import (MethodContext, model_fields, needs_network_teacher,
+                                             needs_partners, setup_method)
 from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import (EXIT_PREFIX, Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
+from selfkd_jax.train.workdir_lock import WorkdirLock, prepare_workdir
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
 
 
 class Preempted(Exception):
-  """SIGTERM arrived; a checkpoint was saved before raising."""
+  """SIGTERM or SIGINT arrived; a checkpoint was saved before raising.
+
+  `exit_status` is the shell's convention for that signal: 143 (SIGTERM), 130 (SIGINT).
+  """
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_status = 128 + signum
 
 
 def select_devices(config) -> list:
@@ -49,25 +57,33 @@ def select_devices(config) -> list:
   return devices[:wanted]
 
 
-class _SigtermFlag:
-  """Turns SIGTERM into a flag the loop checks between steps (so a save is never cut short)."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopSignals:
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between steps, so that a
+  stop request saves a checkpoint first and a save is never cut short."""
 
   def __init__(self):
-    self.raised = False
-    self._previous = None
+    self.signum = None
+    self._previous = {}
+
+  @property
+  def raised(self) -> bool:
+    return self.signum is not None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals need the main thread
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
+    del frame
+    self.signum = signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
 
 
 class Experiment:
@@ -78,7 +94,6 @@ class Experiment:
     self.workdir = workdir
     self.devices = select_devices(config)
     config_check.check_config(config, len(self.devices))
-    config_check.check_workdir(config, workdir)
 
     self.train_source, self.test_source, self.info = data_lib.load_splits(
         config.data.name, data_dir=config.data.dir or None,
@@ -90,12 +105,15 @@ class Experiment:
     self.total_steps = self.steps_per_epoch * config.num_epochs
 
     self.runner = parallel.make_runner(config.parallel, self.devices)
-    self.model = models.model_from_config(config.model, num_classes=self.num_classes,
-                                          bn_axis_name=parallel.AXIS)
-    self.eval_model = self.model.clone(bn_axis_name=None)
+    # The backbone alone: what evaluation reports and a checkpoint's 'backbone' holds.
+    self.backbone = models.model_from_config(config.model, num_classes=self.num_classes,
+                                             bn_axis_name=parallel.AXIS)
     self.tx, self.schedule = optim.make_optimizer(config.optimizer, self.steps_per_epoch,
                                                   config.num_epochs)
-    self.method = self._build_method()
+    # The method, and the model it trains: the backbone with the method's heads, if any.
+    setup = self._setup_method()
+    self.method, self.model, self.eval_model = setup.method, setup.model, setup.eval_model
+    self.model_inputs = setup.model_inputs
     self.augmentation = _augmentation(config.data, self.info)
     self.teacher = None  # a frozen network teacher, attached by `attach_teacher`
     self.teacher_variables = {}
@@ -104,17 +122,17 @@ class Experiment:
     self.teacher = teacher
     self.teacher_variables = self.runner.put_frozen(teacher.variables)
 
-  def _build_method(self):
+  def _setup_method(self):
     config = self.config
+    eval_backbone = self.backbone.clone(bn_axis_name=None)
     context = MethodContext(
         num_examples=self.num_train, num_classes=self.num_classes,
         num_epochs=config.num_epochs, steps_per_epoch=self.steps_per_epoch,
-        make_optimizer=lambda: optim.make_optimizer(config.optimizer, self.steps_per_epoch,
-                                                    config.num_epochs)[0],
         dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
-        log=_log_line, **model_fields(self.eval_model, self.info.image_shape))
+        log=_log_line, **model_fields(eval_backbone, self.info.image_shape))
     try:
-      return build_method(config.method, context)
+      return setup_method(config.method, context, self.backbone, eval_backbone,
+                          bn_axis_name=parallel.AXIS)
     except ValueError as e:  # a value the method's constructor refuses: a config error
       raise config_check.ConfigError(f"config.method ({config.method.name}): {e}") from None
 
@@ -129,7 +147,8 @@ class Experiment:
   def initial_state(self, checkpointer: Checkpointer):
     init = self.init_fn()
     if checkpointer.latest_step() is not None:
-      return checkpointer.restore(self.runner.abstract_state(init)), True
+      state, _ = checkpointer.restore(self.runner.abstract_state(init))
+      return state, True
     return self.runner.init_state(init), False
 
   # -- compiled steps ------------------------------------------------------------------------
@@ -137,6 +156,7 @@ class Experiment:
   def compile(self, abstract_state):
     axis = parallel.AXIS
     train_body = make_train_step(model=self.model, tx=self.tx, method=self.method,
+                                 model_inputs=self.model_inputs,
                                  steps_per_epoch=self.steps_per_epoch,
                                  augmentation=self.augmentation, schedule=self.schedule,
                                  axis_name=axis,
@@ -149,8 +169,7 @@ class Experiment:
 
     self.train_step = self.runner.compile_train(counted_train_body, abstract_state)
     self.eval_step = self.runner.compile_eval(
-        make_eval_step(model=self.eval_model, augmentation=self.augmentation,
-                       method=self.method), abstract_state)
+        make_eval_step(model=self.eval_model, augmentation=self.augmentation), abstract_state)
     self.refresh_step = None
     if self.method.refresh is not None:
       self.refresh_step = self.runner.compile_refresh(
@@ -209,9 +228,19 @@ def _augmentation(data_config, info) -> Augmentation:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-  """Trains `config` in `workdir` (resuming if possible) and returns the results dict."""
-  results_path = os.path.join(workdir, run_log.RESULTS_FILE)
+  """Trains `config` in `workdir` (resuming if possible) and returns the results dict.
+
+  Every check that needs no workdir runs first (nothing is written for a refused config);
+  then the run takes the workdir's lock for its whole length (`workdir_lock`).
+  """
   experiment = Experiment(config, workdir)
+  with WorkdirLock.acquire(prepare_workdir(workdir)):
+    return _train_locked(experiment, config, workdir)
+
+
+def _train_locked(experiment: Experiment, config, workdir: str) -> dict[str, Any]:
+  config_check.check_workdir(config, workdir)
+  results_path = os.path.join(workdir, run_log.RESULTS_FILE)
   if os.path.exists(results_path):
     with open(results_path) as f:
       return json.load(f)
@@ -220,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     run_log.write_json_atomic(os.path.join(workdir, config_check.CONFIG_FILE),
                               json.loads(config.to_json()))
-  checkpointer = Checkpointer(workdir, keep=config.get("keep_checkpoints", 2))
+  checkpointer = Checkpointer(workdir, keep=config.get("keep_checkpoints", 2), log=_log_line)
   try:
     if needs_network_teacher(config.method):
       experiment.attach_teacher(teacher_lib.prepare_teacher(
@@ -281,7 +310,7 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
   device_batches = parallel.prefetch(iter(batches), runner.put_batch)
   progress = _progress_bar(total_steps, start_step, config)
   last_values = None
-  with _SigtermFlag() as sigterm:
+  with _StopSignals() as stop:
     try:
       step = window_start = start_step
       tick = time.time()
@@ -297,10 +326,10 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
             train_images += (step - window_start) * config.batch_size
           tick, window_start = now, step
           _update_progress(progress, step, last_values, train_images, train_time)
-        if sigterm.raised:
+        if stop.raised:
           save(step)
-          raise Preempted(f"SIGTERM: saved a checkpoint at step {step}; run the same command "
-                          "to resume")
+          raise Preempted(f"{signal.Signals(stop.signum).name}: saved a checkpoint at step "
+                          f"{step}; run the same command to resume", stop.signum)
         if step % steps_per_epoch == 0:
           epoch = step // steps_per_epoch
           if experiment.refresh_step is not None:

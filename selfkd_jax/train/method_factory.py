@@ -1,8 +1,10 @@
 """From `config.method` to a `Method`: the one place that maps method names to constructors.
 
 Each builder gets the method's own config and a `MethodContext`: what the run knows that a
-method may need (dataset size, classes, epochs, the model's feature width, an optimizer for
-method-owned heads). Method modules never see the config.
+method may need (dataset size, classes, epochs, the model's feature width). Method modules never
+see the config. `build_heads` gives the heads a method trains (attached to the model with
+`heads.with_heads`) and `model_inputs` what the model runs on instead of the batch's images
+(LSSKD's rotations).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from selfkd_jax import heads as heads_lib
 from selfkd_jax import methods, models
 from selfkd_jax.models import exits as exits_lib
 
@@ -33,8 +35,6 @@ class MethodContext:
     steps_per_epoch: optimizer steps per epoch.
     output_shapes: shapes of the model's outputs by key (e.g. `{'features': (1, 84)}`), so a
       builder can refuse a model that lacks what its method reads.
-    make_optimizer: a fresh optax transformation with the run's optimizer and schedule, for
-      heads a method owns and trains itself (RAS-KD's auxiliary classifier).
     dataset: dataset name; data_dir: its folder ('' = default); seed: the run's seed.
     log: where a builder reports long one-off work (e.g. making an artifact).
     soft_labels: a stand-in `[C, C]` soft-label matrix for ReffAKD (benchmarks time the loss
@@ -50,7 +50,6 @@ class MethodContext:
   num_epochs: int
   steps_per_epoch: int = 1
   output_shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
-  make_optimizer: Callable[[], optax.GradientTransformation] | None = None
   dataset: str = ""
   data_dir: str = ""
   seed: int = 0
@@ -59,10 +58,6 @@ class MethodContext:
   variable_shapes: Any = None
   stage_shapes: tuple = ()
   model: Any = None
-
-  def head_optimizer(self) -> optax.GradientTransformation | None:
-    """A fresh run optimizer for a method-owned head or exits; None = the method's default."""
-    return self.make_optimizer() if self.make_optimizer else None
 
 
 def model_fields(model, image_shape) -> dict[str, Any]:
@@ -119,8 +114,7 @@ def _ras_kd(cfg, ctx):
       ctx.num_classes, ctx.output_shapes["features"][-1], epsilon=cfg.epsilon,
       relation_temperature=cfg.relation_temperature, momentum=cfg.momentum,
       prototypes=cfg.prototypes, instance_weight=cfg.instance_weight,
-      temperature=cfg.temperature,
-      aux_optimizer=ctx.head_optimizer())
+      temperature=cfg.temperature)
 
 
 def _reffakd_soft_labels(cfg, ctx):
@@ -171,12 +165,10 @@ def _dkd(cfg, ctx):
 
 
 def _aekt(cfg, ctx):
-  return methods.aekt(_teacher(cfg, ctx), ctx.num_classes,
-                      steps_per_epoch=ctx.steps_per_epoch, alpha=cfg.alpha, beta=cfg.beta,
-                      temperature=cfg.temperature, warmup_epochs=cfg.warmup_epochs,
-                      weight_fn=cfg.weight_fn, max_weight=cfg.max_weight,
-                      serialization_head=cfg.serialization_head,
-                      head_optimizer=ctx.head_optimizer())
+  return methods.aekt(_teacher(cfg, ctx), steps_per_epoch=ctx.steps_per_epoch,
+                      alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature,
+                      warmup_epochs=cfg.warmup_epochs, weight_fn=cfg.weight_fn, max_weight=cfg.max_weight,
+                      serialization_head=cfg.serialization_head)
 
 
 def _mrkd(cfg, ctx):
@@ -190,28 +182,34 @@ def _mrkd(cfg, ctx):
 
 
 def _byot(cfg, ctx):
-  if len(ctx.stage_shapes) < 2:
-    raise ValueError("byot needs a model with at least 2 stages in outputs['stage_features']")
-  exits = exits_lib.make_exits("byot", ctx.stage_shapes, ctx.output_shapes["features"][-1],
-                               ctx.num_classes, attention=cfg.attention)
-  return methods.byot(exits, alpha=cfg.alpha, temperature=cfg.temperature,
+  return methods.byot(alpha=cfg.alpha, temperature=cfg.temperature,
                       feature_weight=cfg.feature_weight, variant=cfg.variant,
                       feature_norm=cfg.feature_norm,
-                      feature_exits=tuple(cfg.feature_exits) or None,
-                      exit_optimizer=ctx.head_optimizer())
+                      feature_exits=tuple(cfg.feature_exits) or None)
+
+
+def _byot_exits(cfg, ctx):
+  if len(ctx.stage_shapes) < 2:
+    raise ValueError("byot needs a model with at least 2 stages in outputs['stage_features']")
+  return exits_lib.make_exits("byot", ctx.stage_shapes, ctx.output_shapes["features"][-1],
+                              ctx.num_classes, attention=cfg.attention)
+
+
+def _lsskd_exits(cfg, ctx):
+  del cfg
+  kwargs = exits_lib.backbone_exit_kwargs(ctx.model) if ctx.model is not None else {}
+  return exits_lib.make_exits("hsakd", ctx.stage_shapes, ctx.output_shapes["features"][-1],
+                              ctx.num_classes, **kwargs)
 
 
 def _lsskd(cfg, ctx):
-  kwargs = exits_lib.backbone_exit_kwargs(ctx.model) if ctx.model is not None else {}
-  exits = exits_lib.make_exits("hsakd", ctx.stage_shapes, ctx.output_shapes["features"][-1],
-                               ctx.num_classes, **kwargs)
-  return methods.lsskd(exits, ctx.num_examples, ctx.num_classes, ctx.num_epochs,
+  return methods.lsskd(ctx.num_examples, ctx.num_classes, ctx.num_epochs,
+                       num_heads=_lsskd_exits(cfg, ctx).num_exits,
                        steps_per_epoch=ctx.steps_per_epoch, alpha_T=cfg.alpha_T,
                        aux_alpha_T=cfg.aux_alpha_T or None,
                        temperature=cfg.temperature, aux_weight=cfg.aux_weight,
                        distill_weight=cfg.distill_weight, feature_weight=cfg.feature_weight,
-                       main_pskd=cfg.main_pskd, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype],
-                       exit_optimizer=ctx.head_optimizer())
+                       main_pskd=cfg.main_pskd, storage_dtype=STORAGE_DTYPES[cfg.storage_dtype])
 
 
 def _cskd(cfg, ctx):
@@ -260,7 +258,7 @@ METHOD_BUILDERS: dict[str, tuple[Callable, dict[str, Any]]] = {
     "mrkd": (_mrkd, {"alpha": 0.5, "temperature": 4.0, "refresh_every": 0, "num_snapshots": 1}),
     "mrkd_tc": (_mrkd, {"alpha": 0.5, "temperature": 4.0, "refresh_every": 0,
                         "num_snapshots": 1, "tc": "mix", "tc_beta": 0.5, "tc_when": "always"}),
-    # Exits on every stage but the last, owned and trained by the method; feature_exits ()
+    # Exits on every stage but the last, a head of the model; feature_exits ()
     # = every exit gets the feature term (the official code skips exit 3 of 4: (1, 2)).
     "byot": (_byot, {"alpha": 0.3, "temperature": 3.0, "feature_weight": 0.03,
                      "variant": "journal", "feature_norm": "batch", "feature_exits": (),
@@ -286,6 +284,53 @@ def needs_network_teacher(method_config) -> bool:
 def needs_partners(method_config) -> bool:
   """Whether the method reads a same-class partner per example (`TrainBatches(partners=True)`)."""
   return method_config.name == "cskd"
+
+
+def build_heads(method_config, context: MethodContext, *, bn_axis_name: str | None = None
+                ) -> tuple[Any, ...]:
+  """The heads the method trains, to attach with `heads.with_heads` (() for most methods)."""
+  name = method_config.name
+  if name == "ras_kd":
+    return (heads_lib.AuxClassifier(context.num_classes),)
+  if name == "aekt" and method_config.serialization_head:
+    return (heads_lib.SerializationHead(context.num_classes),)
+  if name == "byot":
+    return (heads_lib.ExitHead(_byot_exits(method_config, context), bn_axis_name=bn_axis_name),)
+  if name == "lsskd":
+    return (heads_lib.ExitHead(_lsskd_exits(method_config, context), bn_axis_name=bn_axis_name),)
+  return ()
+
+
+def model_inputs(method_config) -> Callable[[Any], Any] | None:
+  """What the model trains on instead of the batch's images (LSSKD: the four rotations)."""
+  return methods.rotate_batch if method_config.name == "lsskd" else None
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSetup:
+  """A run's method and the models it trains and evaluates.
+
+  Attributes:
+    method: the `Method`.
+    model: the backbone with the method's heads, BatchNorm over `parallel.AXIS` (training).
+    eval_model: the same on one device's batch (init, evaluation, refresh passes).
+    model_inputs: what the model trains on instead of the images (LSSKD), or None.
+  """
+  method: methods.Method
+  model: Any
+  eval_model: Any
+  model_inputs: Callable[[Any], Any] | None
+
+
+def setup_method(method_config, context: MethodContext, backbone, eval_backbone, *,
+                 bn_axis_name: str | None) -> MethodSetup:
+  """The method of `method_config` and the backbones with its heads attached."""
+  train_heads = build_heads(method_config, context, bn_axis_name=bn_axis_name)
+  return MethodSetup(
+      method=build_method(method_config, context),
+      model=heads_lib.with_heads(backbone, *train_heads),
+      eval_model=heads_lib.with_heads(eval_backbone, *build_heads(method_config, context)),
+      model_inputs=model_inputs(method_config))
 
 
 def method_defaults(name: str) -> dict[str, Any]:

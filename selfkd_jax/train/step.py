@@ -47,6 +47,7 @@ def _pmean(x, axis_name):
 
 def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
                     steps_per_epoch: int, augmentation: Augmentation,
+                    model_inputs: Callable[[jax.Array], jax.Array] | None = None,
                     schedule: Callable[[jax.Array], jax.Array],
                     axis_name: str | None,
                     teacher_model=None) -> Callable[[TrainState, Any, Any], tuple]:
@@ -56,8 +57,10 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
   methods (CS-KD) `partner_image`, `partner_label` and `partner_index`; the method receives the
   partner images augmented and normalised like the anchors. `teacher_variables` are the frozen
   variables of `teacher_model` (an eval-mode network the method reaches through
-  `hooks.teacher`), or an empty dict when the run has no network teacher. Metrics are global
-  means (identical on every device).
+  `hooks.teacher`), or an empty dict when the run has no network teacher. `model` is the
+  backbone with the method's heads; `model_inputs(images)` is what it trains on when that is
+  not the batch itself (LSSKD's rotations; the method gets the batch's B labels and indices).
+  Metrics are global means (identical on every device).
   """
 
   def augment(images, indices, key, epoch):
@@ -87,39 +90,26 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
                            rngs={"dropout": jax.random.fold_in(dropout_rng, 1)})[0]
       return model.apply(variables, forward_images, train=False)
 
-    # LSSKD trains on four rotations of every image: the model sees them, the method knows.
-    model_images = images if method.train_inputs is None else method.train_inputs(images)
+    model_images = images if model_inputs is None else model_inputs(images)
 
-    # Parameters the method trains itself (BYOT's exits) are differentiated with the model's:
-    # one backward pass, then the method's own optimizer step on their averaged gradient.
-    owned = method.owned
-    owned_params = () if owned is None else owned.get(state.method_state)
-
-    def loss_fn(params, owned_params):
+    def loss_fn(params):
       variables = {"params": params, "batch_stats": state.batch_stats}
       outputs, model_updates = model.apply(variables, model_images, train=True,
                                            mutable=["batch_stats"],
                                            rngs={"dropout": dropout_rng})
-      method_state = (state.method_state if owned is None
-                      else owned.put(state.method_state, owned_params))
-      hooks = MethodHooks(forward=forward, variables=variables, images=images, teacher=teacher,
-                          owned_differentiated=owned is not None)
+      hooks = MethodHooks(forward=forward, variables=variables, images=images, teacher=teacher)
       per_example, method_state, method_metrics = method.update(
-          method_state, outputs, batch, step=state.step, axis_name=axis_name, hooks=hooks)
+          state.method_state, outputs, batch, step=state.step, axis_name=axis_name, hooks=hooks)
       # All devices hold equal batch slices, so the mean of local means is the global mean.
       loss = jnp.mean(per_example)
       aux = (outputs, model_updates.get("batch_stats", {}), method_state, method_metrics)
       return loss, aux
 
-    (loss, aux), (grads, owned_grads) = jax.value_and_grad(loss_fn, argnums=(0, 1),
-                                                           has_aux=True)(state.params,
-                                                                         owned_params)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     outputs, batch_stats, method_state, method_metrics = aux
-    grads, owned_grads = _pmean((grads, owned_grads), axis_name)
+    grads = _pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    if owned is not None:
-      method_state = owned.apply_gradients(method_state, owned_grads)
     batch_size = batch["label"].shape[0]
     accuracy = jnp.mean(jnp.argmax(outputs["logits"][:batch_size], -1) == batch["label"])
     metrics = {"loss": loss, "accuracy": accuracy.astype(jnp.float32),
@@ -136,21 +126,21 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
 EXIT_PREFIX = "exit_correct/"
 
 
-def make_eval_step(*, model, augmentation: Augmentation, method: Method | None = None
-                   ) -> Callable:
+def make_eval_step(*, model, augmentation: Augmentation) -> Callable:
   """The per-device eval step `(state, batch) -> per-example stats` (eval mode, no augmentation).
 
-  For a method with auxiliary exits (`method.exit_logits`), the stats also hold whether each
-  exit, and the ensemble of every exit with the model's own classifier (mean of logits, as in
-  BYOT's code), is right: `'exit_correct/<name>'` and `'exit_correct/ensemble'`.
+  For a model with auxiliary exits (`outputs['exit_class_logits']`, BYOT's and LSSKD's heads),
+  the stats also hold whether each exit, and the ensemble of every exit with the model's own
+  classifier (mean of logits, as in BYOT's code), is right: `'exit_correct/<name>'` and
+  `'exit_correct/ensemble'`.
   """
 
   def eval_step(state: TrainState, batch):
     images = normalize(batch["image"], augmentation.mean, augmentation.std)
     outputs = model.apply(state.variables(), images, train=False)
     stats = per_example_stats(outputs["logits"], batch["label"])
-    if method is not None and method.exit_logits is not None:
-      exit_logits = method.exit_logits(state.method_state, outputs)
+    if "exit_class_logits" in outputs:
+      exit_logits = outputs["exit_class_logits"]
       all_logits = [outputs["logits"].astype(jnp.float32)]
       for name, logits in exit_logits.items():
         stats[EXIT_PREFIX + name] = jnp.argmax(logits, -1) == batch["label"]

@@ -25,13 +25,12 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from selfkd_jax import models
+from selfkd_jax import heads, models
+from selfkd_jax.train.checkpoint import Checkpointer
 from selfkd_jax.train.config_check import ConfigError
 from selfkd_jax.train.run_log import write_json_atomic
-from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
-                                            TEACHER_FILE)
+from selfkd_jax.train.workdir_files import CONFIG_FILE, RESULTS_FILE, TEACHER_FILE
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
@@ -66,18 +65,23 @@ def _check_compatible(config, teacher_config) -> None:
 
 
 def load_variables(workdir: str) -> tuple[dict, int]:
-  """`{'params', 'batch_stats'}` of the latest checkpoint in `workdir`, and its step."""
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-  manager = ocp.CheckpointManager(directory)
+  """`{'params', 'batch_stats'}` of the latest verified checkpoint in `workdir`, and its step.
+
+  Only the backbone's: the heads a method trained (BYOT's exits, say) are not the teacher.
+  """
+  checkpointer = Checkpointer(workdir)
   try:
-    step = manager.latest_step()
-    if step is None:
-      raise ConfigError(f"teacher workdir {workdir} has no checkpoint in {directory}")
-    # No target: orbax returns the saved tree as plain arrays; only two of its fields are used.
-    saved = manager.restore(step, args=ocp.args.StandardRestore())
+    if checkpointer.latest_step() is None:
+      raise ConfigError(f"teacher workdir {workdir} has no checkpoint in "
+                        f"{checkpointer.directory}")
+    # No target: the saved tree as plain arrays; only two of its fields are used.
+    saved, step = checkpointer.restore()
   finally:
-    manager.close()
-  return {"params": saved["params"], "batch_stats": saved.get("batch_stats", {})}, step
+    checkpointer.close()
+  variables = {"params": saved["params"], "batch_stats": saved.get("batch_stats", {})}
+  if heads.BACKBONE in variables["params"]:  # a run whose method trained heads: drop them
+    variables = {"batch_stats": {}, **heads.backbone_variables(variables)}
+  return variables, step
 
 
 def load_teacher(workdir: str, num_classes: int) -> Teacher:

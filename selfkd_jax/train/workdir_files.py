@@ -9,6 +9,8 @@ RESULTS_FILE = "results.json"        # the final summary, written last: marks a 
 EVAL_HISTORY_FILE = "eval_history.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+CHECKSUM_DIR = "checkpoint_checksums"  # <step>.json: size and SHA-256 of each checkpoint file
+LOCK_FILE = ".lock"                  # the run's flock; records host, pid and start time
 TENSORBOARD_DIR = "tb"
 TEACHER_FILE = "teacher.json"        # the frozen teacher a student distils from: path + sha256
 
