@@ -22,9 +22,7 @@ every line added or changed for a family ends with its tag, so that
 
 import argparse
 import functools
-import gzip
 import logging
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -39,43 +37,11 @@ from selfkd_jax import heads  # [head]
 from selfkd_jax import methods
 from selfkd_jax import partners as partners_lib  # [partner]
 
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
+from fashion_mnist_data import DATA_DIR, load_fashion_mnist
+
 NUM_CLASSES = 10
 FEATURE_DIM = 128  # width of the CNN's penultimate layer, what RAS-KD's prototypes live in
 METHODS = ("ce", "pskd", "mrkd", "cskd", "ras_kd", "kd")
-
-
-def read_idx(path: str) -> np.ndarray:
-  """An IDX file (`*-ubyte.gz`) as a uint8 array.
-
-  Written here rather than imported from `selfkd_jax.data`, whose package pulls in grain: the
-  example needs only what `pip install -e .` installs.
-  """
-  with gzip.open(path, "rb") as f:
-    data = f.read()
-  # Header: two zero bytes, the type code (0x08: unsigned bytes), the number of dimensions,
-  # then one big-endian uint32 per dimension.
-  if data[:3] != b"\x00\x00\x08":
-    raise ValueError(f"{path} is not an IDX file of unsigned bytes")
-  ndim = data[3]
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_fashion_mnist(data_dir: str = DATA_DIR, limit_train: int = 0, limit_test: int = 0):
-  """Train and test splits as dicts of 'image' (float32 [N, 28, 28, 1]) and 'label' (int32).
-
-  `limit_*` keep the first examples (0: all). The training split's position of an example is
-  its `index`, what PS-KD's table and CS-KD's partners are keyed by.
-  """
-  splits = []
-  for prefix, limit in (("train", limit_train), ("t10k", limit_test)):
-    images = read_idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz"))
-    labels = read_idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz"))
-    limit = limit or len(labels)
-    splits.append({"image": images[:limit, :, :, None].astype(np.float32) / 255.0,
-                   "label": labels[:limit].astype(np.int32)})
-  return tuple(splits)
 
 
 class CNN(nn.Module):

@@ -10,9 +10,6 @@ Linen or NNX, with one method of every family, see `flax_linen_fashion_mnist.py`
 `flax_nnx_fashion_mnist.py`.
 """
 
-import gzip
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,30 +17,7 @@ import optax
 
 from selfkd_jax import methods
 
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-def read_idx(path: str) -> np.ndarray:
-  """An IDX file (`*-ubyte.gz`) as a uint8 array (what `selfkd_jax.data` reads, without grain)."""
-  with gzip.open(path, "rb") as f:
-    data = f.read()
-  # Header: two zero bytes, the type code (0x08: unsigned bytes), the number of dimensions,
-  # then one big-endian uint32 per dimension.
-  if data[:3] != b"\x00\x00\x08":
-    raise ValueError(f"{path} is not an IDX file of unsigned bytes")
-  ndim = data[3]
-  shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
-  return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_split(prefix: str, limit: int, data_dir: str = DATA_DIR):
-  """(images float32 [N, 784] in [0, 1], labels int32 [N]) of the first `limit` (0: all)."""
-  images = read_idx(os.path.join(data_dir, f"{prefix}-images-idx3-ubyte.gz"))
-  labels = read_idx(os.path.join(data_dir, f"{prefix}-labels-idx1-ubyte.gz"))
-  limit = limit or len(labels)
-  return (images[:limit].reshape(limit, -1).astype(np.float32) / 255.0,
-          labels[:limit].astype(np.int32))
-
+from fashion_mnist_data import DATA_DIR, load_split
 
 def init_mlp(rng, sizes):
   """A plain-JAX MLP: a list of (weight, bias) pairs, He-initialised."""
@@ -67,6 +41,9 @@ def main(num_epochs: int = 10, batch_size: int = 128, seed: int = 0, limit_train
   """Trains the MLP with PS-KD; returns (test accuracy, final method state, visited indices)."""
   train_images, train_labels = load_split("train", limit_train, data_dir)
   test_images, test_labels = load_split("t10k", limit_test, data_dir)
+  # The MLP takes flat vectors: [N, 28, 28, 1] -> [N, 784].
+  train_images = train_images.reshape(len(train_images), -1)
+  test_images = test_images.reshape(len(test_images), -1)
   num_train, num_classes = len(train_labels), 10
 
   steps_per_epoch = num_train // batch_size  # the loop below drops the last partial batch

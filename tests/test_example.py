@@ -26,7 +26,8 @@ import flax_nnx_fashion_mnist as nnx_example  # pylint: disable=g-import-not-at-
 from selfkd_jax import heads  # pylint: disable=g-import-not-at-top
 
 LOOPS = {"linen": linen_example, "nnx": nnx_example}
-EXAMPLE_FILES = ("flax_linen_fashion_mnist.py", "flax_nnx_fashion_mnist.py", "own_loop_pskd.py")
+EXAMPLE_FILES = ("flax_linen_fashion_mnist.py", "flax_nnx_fashion_mnist.py", "own_loop_pskd.py",
+                 "fashion_mnist_data.py")
 LIMIT_TRAIN, LIMIT_TEST, BATCH_SIZE, NUM_EPOCHS, SEED = 2000, 1000, 128, 2, 0
 STEPS_PER_EPOCH = LIMIT_TRAIN // BATCH_SIZE  # 15
 FAMILIES = ("targets", "snapshot", "partner", "head", "teacher")
@@ -207,7 +208,9 @@ def test_examples_import_only_the_core_install(name):
       top_level.update(n.split(".")[0] for n in names)
       if isinstance(node, ast.ImportFrom) and node.module == "selfkd_jax":
         assert {a.name for a in node.names} <= {"adapters", "heads", "methods", "partners"}
-  allowed = {"jax", "flax", "optax", "numpy", "selfkd_jax"} | set(sys.stdlib_module_names)
+  # fashion_mnist_data: the examples' shared numpy reader (checked here as an example too).
+  allowed = ({"jax", "flax", "optax", "numpy", "selfkd_jax", "fashion_mnist_data"}
+             | set(sys.stdlib_module_names))
   assert top_level <= allowed, top_level - allowed
 
 
