@@ -54,14 +54,25 @@ def _stop_outside_training(signum, frame):
   os._exit(128 + signum)  # pylint: disable=protected-access  (no cleanup can lose anything)
 
 
+def _one_line(text: str) -> str:
+  """A multi-line error message as one line: ml_collections puts the reason on later lines, or
+  a whole traceback whose last line is the reason."""
+  lines = [part.strip() for part in str(text).splitlines() if part.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    return f"{lines[0]} {lines[-1]}"
+  return " ".join(lines)
+
+
 def parse_flags(argv):
   """absl flag parsing with bad flags or config overrides reported in one line, exit 2."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    _fail(str(error).splitlines()[0], 2)
+    _fail(_one_line(error), 2)
   except (KeyError, AttributeError, ValueError, TypeError) as error:  # raised by config overrides
     _fail(f"bad config override: {str(error).splitlines()[0]}", 2)
+  except (SyntaxError, ImportError, NameError, OSError) as error:  # a config file that fails
+    _fail(f"--config: {_one_line(f'{type(error).__name__}: {error}')}", 2)
 
 
 def _wants_distributed() -> bool:
@@ -85,10 +96,17 @@ def main(argv):
   from selfkd_jax.train.workdir_lock import WorkdirError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.checkpoint import NoUsableCheckpoint  # pylint: disable=g-import-not-at-top
 
+  try:
+    config = _CONFIG.value
+    config.keys()  # ml_collections defers a config file's load error to the first use
+  except (OSError, SyntaxError, ImportError, ValueError, TypeError, AttributeError,
+          NameError) as error:
+    cause = error.__cause__ or error
+    _fail(f"--config: {_one_line(f'{type(cause).__name__}: {cause}')}", 2)
   if _wants_distributed():
     jax.distributed.initialize()
   try:
-    results = loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    results = loop.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as error:
     _fail(str(error), 2)
   except (DataError, loop.NonFiniteLossError, WorkdirError, NoUsableCheckpoint) as error:

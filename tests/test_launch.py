@@ -210,3 +210,40 @@ def test_a_flipped_byte_in_the_last_checkpoint_falls_back_and_ends_the_same(tmp_
   assert step_a == step_b
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
+
+
+SMOKE = "--config=configs/fashion_mnist/pskd.py:smoke"
+CIFAR = "--config=configs/cifar100/pskd_preact_resnet18.py"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config=no_such_config.py"], "--config: OSError"),
+    (["--config=configs"], "--config: IsADirectoryError"),
+    ([f"{SMOKE[:-6]}:nonsense"], "unknown config argument 'nonsense'; allowed: smoke"),
+    ([SMOKE, "--config.eval_every_epochs=0"], "config.eval_every_epochs=0 must be an integer"),
+    ([SMOKE, "--config.seed=-1"], "config.seed=-1 must be an integer >= 0"),
+    ([CIFAR, "--config.optimizer.milestones=abc"], "config.optimizer.milestones=('abc',)"),
+    ([SMOKE, "--config.num_epochs=1000000000000"], "the step counter is int32"),
+    ([SMOKE, "--config.data.limit_train=100000"],
+     "config.data.limit_train=100000 exceeds the 60000 training examples"),
+    ([SMOKE, "--config.data.crop_padding=100"], "config.data.crop_padding=100 must be -1"),
+], ids=["missing file", "directory", "bad arg", "eval_every 0", "seed -1", "milestones abc",
+        "int32 steps", "limit_train", "crop_padding"])
+def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, flags, message):
+  workdir = tmp_path / "run"
+  result = launch(str(workdir), *flags, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and message in error_lines[0], result.stderr
+  assert not workdir.exists()
+
+
+def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
+  path = tmp_path / "broken.py"
+  path.write_text("def get_config(:\n")
+  result = launch(str(tmp_path / "run"), f"--config={path}", timeout=120)
+  assert result.returncode == 2, result.stderr
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert error_lines == [f"error: --config: SyntaxError: invalid syntax (broken.py, line 1)"], \
+      result.stderr

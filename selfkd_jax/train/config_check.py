@@ -66,8 +66,14 @@ def check_config(config, num_devices: int) -> None:
   for key in ("seed", "num_epochs", "batch_size"):
     if key not in config:
       raise ConfigError(f"config.{key} is missing")
-  if config.num_epochs <= 0:
-    raise ConfigError(f"config.num_epochs={config.num_epochs} must be > 0")
+  if not _is_int(config.seed) or config.seed < 0:
+    raise ConfigError(f"config.seed={config.seed!r} must be an integer >= 0")
+  if not _is_int(config.num_epochs) or config.num_epochs <= 0:
+    raise ConfigError(f"config.num_epochs={config.num_epochs!r} must be an integer > 0")
+  eval_every = config.get("eval_every_epochs", 1)
+  if not _is_int(eval_every) or eval_every < 1:
+    raise ConfigError(f"config.eval_every_epochs={eval_every!r} must be an integer >= 1 (the "
+                      "last epoch is always evaluated)")
   if config.batch_size <= 0 or config.batch_size % num_devices:
     raise ConfigError(f"config.batch_size={config.batch_size} must be a positive multiple of "
                       f"the device count ({num_devices})")
@@ -89,12 +95,32 @@ def check_config(config, num_devices: int) -> None:
                       "(0 = the whole training set)")
   _allowed("config.optimizer.name", config.optimizer.name, optim.OPTIMIZERS)
   _allowed("config.optimizer.schedule", config.optimizer.schedule, optim.SCHEDULES)
+  _check_milestones(config)
   if not config.optimizer.learning_rate > 0:  # also refuses nan
     raise ConfigError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} "
                       "must be > 0")
   if config.get("keep_checkpoints", 2) < 1:
     raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1 (a run "
                       "keeps at least its latest checkpoint)")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_milestones(config) -> None:
+  """Multistep milestones are positive epoch numbers (other schedules ignore them). A milestone
+  past the run is allowed: it is never reached (a smoke version of a long recipe)."""
+  if config.optimizer.schedule != "multistep":
+    return
+  milestones = config.optimizer.milestones
+  if isinstance(milestones, (str, bytes)) or not isinstance(milestones, (tuple, list)):
+    raise ConfigError(f"config.optimizer.milestones={milestones!r} must be a list of epochs, "
+                      "e.g. (150, 225)")
+  for m in milestones:
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+      raise ConfigError(f"config.optimizer.milestones={tuple(milestones)!r}: {m!r} is not an "
+                        "epoch number > 0")
 
 
 def _check_teacher(config, num_devices: int) -> None:
@@ -126,10 +152,22 @@ def check_against_dataset(config, info) -> None:
     raise ConfigError(f"config.model.num_classes={config.model.num_classes} does not match "
                       f"dataset {info.name!r}, which has {info.num_classes} classes "
                       "(set it to that or to -1 = from the dataset)")
+  if config.data.limit_train > info.num_train:
+    raise ConfigError(f"config.data.limit_train={config.data.limit_train} exceeds the "
+                      f"{info.num_train} training examples of {info.name!r}; use 0 for all")
   num_train = config.data.limit_train or info.num_train
   if num_train < config.batch_size:
     raise ConfigError(f"config.batch_size={config.batch_size} is larger than the training set "
                       f"({num_train} examples)")
+  total_steps = config.num_epochs * (num_train // config.batch_size)
+  if total_steps >= 2**31:
+    raise ConfigError(f"config.num_epochs={config.num_epochs} gives {total_steps} steps; the "
+                      f"step counter is int32 (at most {2**31 - 1})")
+  side = min(info.image_shape[:2])
+  crop = config.data.get("crop_padding", -1)
+  if not _is_int(crop) or not -1 <= crop <= side // 2:
+    raise ConfigError(f"config.data.crop_padding={crop!r} must be -1 (the dataset's default) or "
+                      f"0..{side // 2} (half the {side}-pixel image side)")
 
 
 def comparable(config_dict: dict) -> dict:
