@@ -168,7 +168,8 @@ def test_teacher_overrides_go_through_the_student_config(tmp_path):
                   "--config.teacher.config.num_epochs=0", timeout=120)
   assert result.returncode == 2, result.stderr
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert error_lines == ["error: config.teacher.config.num_epochs=0 must be > 0"], result.stderr
+  assert error_lines == ["error: config.teacher.config.num_epochs=0 must be an integer > 0"], \
+      result.stderr
   assert not os.path.exists(tmp_path / "teacher")
 
 
