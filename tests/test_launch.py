@@ -248,3 +248,36 @@ def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert error_lines == [f"error: --config: SyntaxError: invalid syntax (broken.py, line 1)"], \
       result.stderr
+
+
+def test_garbage_results_are_rewritten_and_garbage_history_is_one_line(tmp_path):
+  import shutil
+  finished, resumable = str(tmp_path / "finished"), str(tmp_path / "resumable")
+  assert launch(finished, *RUN_FLAGS).returncode == 0
+  with open(os.path.join(finished, "results.json")) as f:
+    results = json.load(f)
+  shutil.copytree(finished, resumable)
+
+  # results.json is derived: an unreadable one is rebuilt from the final checkpoint.
+  with open(os.path.join(finished, "results.json"), "w") as f:
+    f.write("{not json")
+  rerun = launch(finished, *RUN_FLAGS)
+  assert rerun.returncode == 0, rerun.stderr
+  assert "results.json is unreadable" in rerun.stdout
+  with open(os.path.join(finished, "results.json")) as f:
+    rebuilt = json.load(f)
+  for key in ("test_top1", "test_nll", "best_test_top1", "best_epoch"):
+    assert rebuilt[key] == results[key], key
+
+  # eval_history.json is not: the epochs' test metrics are only there. One line, nothing lost.
+  os.remove(os.path.join(resumable, "results.json"))
+  history = os.path.join(resumable, "eval_history.json")
+  with open(history, "w") as f:
+    f.write("[{]")
+  refused = launch(resumable, *RUN_FLAGS)
+  assert refused.returncode == 1, refused.stderr
+  error_lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+  assert len(error_lines) == 1 and "eval_history.json is unreadable" in error_lines[0]
+  assert "Traceback" not in refused.stderr
+  with open(history) as f:
+    assert f.read() == "[{]"

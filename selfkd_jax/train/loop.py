@@ -242,8 +242,12 @@ def _train_locked(experiment: Experiment, config, workdir: str) -> dict[str, Any
   config_check.check_workdir(config, workdir)
   results_path = os.path.join(workdir, run_log.RESULTS_FILE)
   if os.path.exists(results_path):
-    with open(results_path) as f:
-      return json.load(f)
+    try:
+      with open(results_path) as f:
+        return json.load(f)
+    except (OSError, ValueError) as e:  # derived data: finish the run again from checkpoints
+      _log_line(f"{results_path} is unreadable ({type(e).__name__}); finishing the run again "
+                "from its checkpoints")
 
   log = run_log.RunLog(workdir)
   if jax.process_index() == 0:

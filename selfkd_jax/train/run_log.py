@@ -16,7 +16,7 @@ import tempfile
 import jax
 
 from selfkd_jax.train.workdir_files import (EVAL_HISTORY_FILE, METRICS_FILE, RESULTS_FILE,
-                                            TENSORBOARD_DIR)
+                                            TENSORBOARD_DIR, WorkdirError)
 
 
 def write_json_atomic(path: str, payload) -> None:
@@ -58,8 +58,13 @@ class RunLog:
     path = os.path.join(self.workdir, EVAL_HISTORY_FILE)
     if not os.path.exists(path):
       return []
-    with open(path) as f:
-      return [e for e in json.load(f) if e["epoch"] <= up_to_epoch]
+    try:
+      with open(path) as f:
+        return [e for e in json.load(f) if e["epoch"] <= up_to_epoch]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise WorkdirError(f"{path} is unreadable ({type(e).__name__}: {e}); it holds the test "
+                         "metrics of the epochs trained so far: restore it, or move the workdir "
+                         "away to start over") from None
 
   def write_eval_history(self, history: list[dict]) -> None:
     if self.enabled:

@@ -30,7 +30,8 @@ from selfkd_jax import heads, models
 from selfkd_jax.train.checkpoint import Checkpointer
 from selfkd_jax.train.config_check import ConfigError
 from selfkd_jax.train.run_log import write_json_atomic
-from selfkd_jax.train.workdir_files import CONFIG_FILE, RESULTS_FILE, TEACHER_FILE
+from selfkd_jax.train.workdir_files import (CONFIG_FILE, RESULTS_FILE, TEACHER_FILE,
+                                            WorkdirError)
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
@@ -126,8 +127,14 @@ def prepare_teacher(config, workdir: str, *, num_classes: int, resuming: bool,
   teacher = load_teacher(directory, num_classes)
   record_path = os.path.join(workdir, TEACHER_FILE)
   if resuming and os.path.exists(record_path):
-    with open(record_path) as f:
-      recorded = json.load(f)
+    try:
+      with open(record_path) as f:
+        recorded = json.load(f)
+      recorded["sha256"].encode()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise WorkdirError(f"{record_path} is unreadable ({type(e).__name__}); it pins the teacher "
+                         "this run's checkpoints were distilled from: restore it or use a new "
+                         "--workdir") from None
     if recorded["sha256"] != teacher.sha256:
       raise ConfigError(
           f"the teacher in {directory} changed since this run started (sha256 "

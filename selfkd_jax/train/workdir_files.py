@@ -1,7 +1,7 @@
 """What a run writes into its workdir, by name, and the config keys a resume may change.
 
-Plain constants and no imports, so that tools which must not load jax (the sweep and the
-report) share them with the trainer instead of keeping copies.
+Plain constants (and the workdir error type) and no imports, so that tools which must not load
+jax (the sweep and the report) share them with the trainer instead of keeping copies.
 """
 
 CONFIG_FILE = "config.json"          # the run's config, checked on resume
@@ -13,6 +13,12 @@ CHECKSUM_DIR = "checkpoint_checksums"  # <step>.json: size and SHA-256 of each c
 LOCK_FILE = ".lock"                  # the run's flock; records host, pid and start time
 TENSORBOARD_DIR = "tb"
 TEACHER_FILE = "teacher.json"        # the frozen teacher a student distils from: path + sha256
+
+
+
+class WorkdirError(OSError):
+  """The workdir, or a file the run needs in it, cannot be used (data/environment: exit 1)."""
+
 
 # Keys that may change between a run and its resumption (they do not change the result).
 RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",

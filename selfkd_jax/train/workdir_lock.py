@@ -24,11 +24,7 @@ import jax
 import numpy as np
 
 from selfkd_jax.train.config_check import ConfigError
-from selfkd_jax.train.workdir_files import LOCK_FILE
-
-
-class WorkdirError(OSError):
-  """The workdir cannot be created or written (a data/environment error: exit 1)."""
+from selfkd_jax.train.workdir_files import LOCK_FILE, WorkdirError
 
 
 def prepare_workdir(workdir: str) -> str:
