@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import re
 import shlex
@@ -69,12 +70,24 @@ class Run:
             *(f"--config.{key}={value}" for key, value in self.overrides)]
 
   def status(self) -> str:
-    """'finished' (results.json), 'resume' (checkpoints, no results) or 'new'."""
-    if os.path.exists(os.path.join(self.workdir, RESULTS_FILE)):
+    """'finished' (a results.json that parses), 'resume' (checkpoints, or results that do not
+    parse: launch.py rebuilds them from the final checkpoint) or 'new'."""
+    if _readable_results(os.path.join(self.workdir, RESULTS_FILE)):
       return "finished"
-    if os.path.isdir(os.path.join(self.workdir, CHECKPOINT_DIR)):
+    if (os.path.isdir(os.path.join(self.workdir, CHECKPOINT_DIR))
+        or os.path.exists(os.path.join(self.workdir, RESULTS_FILE))):
       return "resume"
     return "new"
+
+
+def _readable_results(path: str) -> bool:
+  """Whether `path` holds a run's results: a JSON object with a numeric test_top1."""
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(results, dict) and isinstance(results.get("test_top1"), (int, float))
 
 
 def _display_path(path: str) -> str:

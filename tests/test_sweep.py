@@ -84,7 +84,7 @@ def test_grid_workdirs_and_overrides(in_repo, tmp_path, capsys):
 
 def _finish(workdir, config_json=None):
   os.makedirs(workdir)
-  (workdir / "results.json").write_text("{}")
+  (workdir / "results.json").write_text(json.dumps({"test_top1": 0.5}))
   if config_json is not None:
     (workdir / "config.json").write_text(config_json)
 
@@ -117,6 +117,18 @@ def test_dry_run_shows_new_resume_and_finished(in_repo, tmp_path, capsys):
   assert [line.split()[0] for line in out.splitlines()] == ["finished", "resume", "new"]
   assert out.splitlines()[1].endswith(command(CE, f"{root}/ce/seed1", 1))
   assert not (root / "ce" / "seed2").exists()  # a dry run creates nothing
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"test_top1": "fast"}', ""])
+def test_results_that_do_not_parse_are_not_finished(in_repo, tmp_path, capsys, content):
+  root = tmp_path / "r"
+  _finish(root / "ce" / "seed0")
+  (root / "ce" / "seed0" / "results.json").write_text(content)
+  status, out, _ = run_sweep(capsys, f"--configs={CE}", "--seeds=0", f"--root={root}",
+                             "--dry_run")
+  assert status == 0
+  # launch.py rebuilds unreadable results from the final checkpoint: the sweep resumes it.
+  assert [line.split()[0] for line in out.splitlines()] == ["resume"]
 
 
 def test_finished_run_of_another_config_is_a_failure(in_repo, tmp_path, capsys):
