@@ -33,7 +33,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from selfkd_jax.train.run_log import write_json_atomic
-from selfkd_jax.train.workdir_files import CHECKPOINT_DIR, CHECKSUM_DIR
+from selfkd_jax.train.workdir_files import CHECKPOINT_DIR, CHECKSUM_DIR, checkpoint_steps
 
 _CHUNK = 1 << 22
 
@@ -79,11 +79,7 @@ class Checkpointer:
 
   def steps(self) -> list[int]:
     """Every step directory on disk (finished by Orbax or not verified yet), newest first."""
-    if not os.path.isdir(self.directory):
-      return []
-    return sorted((int(name) for name in os.listdir(self.directory)
-                   if name.isdigit() and os.path.isdir(os.path.join(self.directory, name))),
-                  reverse=True)
+    return checkpoint_steps(self.directory)
 
   def latest_step(self) -> int | None:
     """The newest step on disk (it may still fail verification at restore)."""

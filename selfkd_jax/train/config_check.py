@@ -14,7 +14,7 @@ from selfkd_jax.train import optim
 from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
                                              needs_network_teacher)
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
-                                            RESUMABLE_KEYS)
+                                            RESUMABLE_KEYS, checkpoint_steps)
 
 PARALLEL_MODES = ("shard_map", "pmap")
 UNBOUNDED_WEIGHTS = ("dkd", "aekt")
@@ -201,8 +201,7 @@ def _holds_a_run(workdir: str) -> bool:
   """Whether `workdir` has results or at least one checkpoint step."""
   if os.path.exists(os.path.join(workdir, RESULTS_FILE)):
     return True
-  checkpoints = os.path.join(workdir, CHECKPOINT_DIR)
-  return os.path.isdir(checkpoints) and any(name.isdigit() for name in os.listdir(checkpoints))
+  return bool(checkpoint_steps(os.path.join(workdir, CHECKPOINT_DIR)))
 
 
 def _flat_diff(saved, current) -> str:

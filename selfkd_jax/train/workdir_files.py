@@ -1,8 +1,11 @@
 """What a run writes into its workdir, by name, and the config keys a resume may change.
 
-Plain constants (and the workdir error type) and no imports, so that tools which must not load
-jax (the sweep and the report) share them with the trainer instead of keeping copies.
+Plain constants, the workdir error type and one directory listing, importing nothing but `os`,
+so that tools which must not load jax (the sweep and the report) share them with the trainer
+instead of keeping copies.
 """
+
+import os
 
 CONFIG_FILE = "config.json"          # the run's config, checked on resume
 RESULTS_FILE = "results.json"        # the final summary, written last: marks a finished run
@@ -14,6 +17,14 @@ LOCK_FILE = ".lock"                  # the run's flock; records host, pid and st
 TENSORBOARD_DIR = "tb"
 TEACHER_FILE = "teacher.json"        # the frozen teacher a student distils from: path + sha256
 
+
+def checkpoint_steps(checkpoint_dir: str) -> list[int]:
+  """The step folders (named by their step number) in `checkpoint_dir`, newest first."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted((int(name) for name in os.listdir(checkpoint_dir)
+                 if name.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, name))),
+                reverse=True)
 
 
 class WorkdirError(OSError):
