@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from selfkd_jax import adapters
 from selfkd_jax.data.augment import augment_batch, normalize
 from selfkd_jax.methods import Method, MethodHooks
 from selfkd_jax.metrics import per_example_stats
@@ -75,20 +76,14 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
       partner_key = jax.random.fold_in(state.rng, PARTNER_BRANCH)
       batch = dict(batch, partner_image=augment(batch["partner_image"], batch["partner_index"],
                                                 partner_key, epoch))
-    teacher = None
-    if teacher_model is not None:
-      def teacher(teacher_images):
-        outputs = teacher_model.apply(teacher_variables, teacher_images, train=False)
-        return jax.lax.stop_gradient(outputs)
+    # The same adapters a user's own Linen loop uses: the frozen teacher in eval mode without
+    # gradient, and a second forward pass (snapshot, partner) whose BN updates are dropped.
+    teacher = (None if teacher_model is None
+               else adapters.as_teacher(teacher_model, teacher_variables))
     # Epochs fold small integers into `rng` for augmentation; dropout draws from a far branch.
     dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, DROPOUT_BRANCH), state.step)
-
-    def forward(variables, forward_images, *, train):
-      """A second forward pass for the method (snapshot, partner); BN updates are dropped."""
-      if train:
-        return model.apply(variables, forward_images, train=True, mutable=["batch_stats"],
-                           rngs={"dropout": jax.random.fold_in(dropout_rng, 1)})[0]
-      return model.apply(variables, forward_images, train=False)
+    forward = adapters.linen_forward(model.apply,
+                                     rngs={"dropout": jax.random.fold_in(dropout_rng, 1)})
 
     model_images = images if model_inputs is None else model_inputs(images)
 
