@@ -223,11 +223,15 @@ def test_corrupt_results_named_and_the_rest_reported(tmp_path, capsys):
   (tmp_path / "runs" / "bad" / "results.json").write_text('{"test_top1": 0.9, ')
   make_run(tmp_path / "runs" / "nan", seed=2, top1=0.9)
   (tmp_path / "runs" / "nan" / "results.json").write_text('{"test_top1": "high"}')
+  make_run(tmp_path / "runs" / "config", seed=3, top1=0.9)
+  (tmp_path / "runs" / "config" / "config.json").write_text('{"seed": 3, ')
   status, _, stderr = run_report(capsys, tmp_path / "runs", "--out", tmp_path / "out")
   assert status == 1
+  assert len(stderr.splitlines()) == 3 and "Traceback" not in stderr
   bad = os.path.join(str(tmp_path), "runs", "bad", "results.json")
   assert f"error: {bad} is corrupt" in stderr
-  assert "test_top1='high'" in stderr
+  assert "test_top1 is a str ('high'), expected a finite number" in stderr
+  assert f"error: {tmp_path / 'runs' / 'config' / 'config.json'} is corrupt" in stderr
   assert read_csv(tmp_path / "out" / "report.csv")["ce"]["n"] == "1"
   report = (tmp_path / "out" / "report.md").read_text()
   assert "## Unreadable runs" in report and bad in report
@@ -321,3 +325,77 @@ def test_band_on_different_grids_and_resumed_metrics(tmp_path):
     f.write('{"kind": "train", "st')
   x, y = curves.run_series(str(run), "train", "loss")
   assert x.tolist() == [5, 10] and y.tolist() == [1.0, 2.0]
+
+
+# Bad input files: each leaves out only the bad file (or record) with one line on stderr. A bad
+# config.json or results.json makes its run unreadable (status 1, as documented); a bad
+# benchmark record, eval_history.json or metrics.jsonl only costs a ratio or a curve (status 0).
+GOOD_RECORD = {"method": "ce", "model": "lenet5_bn", "dtype": "float32", "batch_size": 128,
+               "device": "cpu", "ratio_to_ce": 1.0}
+
+
+def _edit_json(path, **changes):
+  path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+BAD_INPUTS = {
+    # name: (file, how to spoil it, status, what the line says)
+    "benchmark_record_wrong_type": (
+        "bench.json", lambda p: p.write_text(json.dumps([dict(GOOD_RECORD, ratio_to_ce="fast"),
+                                                         GOOD_RECORD])),
+        0, "record 1: ratio_to_ce is a str ('fast'), expected a finite number"),
+    "config_data_not_a_mapping": (
+        "runs/bad/config.json", lambda p: _edit_json(p, data="fashion_mnist"),
+        1, "data is a str ('fashion_mnist'), expected a mapping"),
+    "config_model_not_a_mapping": (
+        "runs/bad/config.json", lambda p: _edit_json(p, model="lenet5_bn"),
+        1, "model is a str ('lenet5_bn'), expected a mapping"),
+    "config_batch_size_a_string": (
+        "runs/bad/config.json", lambda p: _edit_json(p, batch_size="128"),
+        1, "batch_size is a str ('128'), expected an integer"),
+    "results_exits_not_a_mapping": (
+        "runs/bad/results.json", lambda p: _edit_json(p, test_exit_top1=[0.7, 0.8]),
+        1, "test_exit_top1 is a list ([0.7, 0.8]), expected a mapping"),
+    "results_exit_a_string": (
+        "runs/bad/results.json", lambda p: _edit_json(p, test_exit_top1={"exit1": "high"}),
+        1, "test_exit_top1.exit1 is a str ('high'), expected a finite number"),
+    "eval_history_unparsable": (
+        "runs/bad/eval_history.json", lambda p: p.write_text('[{"epoch": 1, '),
+        0, "Expecting"),
+    "eval_history_bad_entry": (
+        "runs/bad/eval_history.json",
+        lambda p: p.write_text(json.dumps([{"epoch": "one", "top1": 0.5}, {"epoch": 2}])),
+        0, "1 of 2 records in"),
+    "metrics_unparsable": (
+        "runs/bad/metrics.jsonl", lambda p: p.write_text("step 5: loss 2.0\nstep 10\n"),
+        0, "no line is JSON"),
+    "metrics_not_utf8": (
+        "runs/bad/metrics.jsonl", lambda p: p.write_bytes(b'{"kind": "train", "step": 5}\n\xff'),
+        0, "can't decode byte 0xff"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_file_is_one_line_and_the_rest_is_reported(tmp_path, capsys, case):
+  relative, spoil, expected_status, expected_text = BAD_INPUTS[case]
+  good = tmp_path / "runs" / "good"
+  make_run(good, seed=0, top1=0.9)
+  make_run(tmp_path / "runs" / "bad", seed=1, top1=0.8)
+  bench = tmp_path / "bench.json"
+  bench.write_text(json.dumps([GOOD_RECORD]))
+  spoil(tmp_path / relative)
+  out = tmp_path / "out"
+  status, _, stderr = run_report(capsys, tmp_path / "runs", "--out", out, "--benchmark", bench)
+  assert status == expected_status, stderr
+  assert "Traceback" not in stderr
+  bad_path = str(tmp_path / relative)
+  [line] = stderr.splitlines()  # exactly one line, and it names the file and the problem
+  assert bad_path in line and expected_text in line, line
+  report = (out / "report.md").read_text()
+  assert f"`{good}`" in report and (out / "report.csv").exists() and (out / "curves.png").exists()
+  rows = read_csv(out / "report.csv")
+  assert float(rows["ce"]["step_time_ratio_to_ce"]) == 1.0  # the good record still counts
+  if expected_status == 1:  # the run is left out and listed
+    assert rows["ce"]["n"] == "1" and "## Unreadable runs" in report and bad_path in report
+  else:  # the run counts; only a curve (or a benchmark record) is missing
+    assert rows["ce"]["n"] == "2"

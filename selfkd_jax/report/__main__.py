@@ -6,8 +6,9 @@ r"""Report on finished runs: `report.md`, `report.csv`, PNG plots and TensorBoar
 RUN_DIRS are run workdirs or folders holding them at any depth (a run is a folder with
 `config.json`). Runs with the same config except the seed form one row. Exit status: 0 written;
 1 written, but some runs were unreadable (named on stderr and in report.md); 2 nothing could be
-reported (no runs, no finished run, runs of several datasets, a bad benchmark file), with one
-line on stderr.
+reported (no runs, no finished run, runs of several datasets, a benchmark file that is not a
+JSON list), with one line on stderr. A bad benchmark record, eval_history.json or metrics.jsonl
+is left out with one line on stderr and does not change the status.
 """
 
 from __future__ import annotations

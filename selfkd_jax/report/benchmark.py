@@ -5,25 +5,30 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from selfkd_jax.report import validate
 from selfkd_jax.report.runs import ReportError
-
-_NEEDED = ("method", "model", "dtype", "ratio_to_ce")
 
 
 def load(path: str) -> list[dict[str, Any]]:
-  """The records of a benchmark results file (a JSON list). ReportError if unusable."""
+  """The usable records of a benchmark results file (a JSON list).
+
+  A record with a missing or mistyped field (say `ratio_to_ce: "fast"`) is left out with one
+  line on stderr; the others still give their groups a ratio.
+
+  Raises:
+    ReportError: the file cannot be read, is not JSON or not a list.
+  """
   try:
     with open(path) as f:
       records = json.load(f)
   except OSError as error:
     raise ReportError(f"benchmark file {path}: {error.strerror}") from None
   except ValueError as error:
-    raise ReportError(f"benchmark file {path} is corrupt: {error}") from None
-  if not isinstance(records, list) or not all(
-      isinstance(r, dict) and all(k in r for k in _NEEDED) for r in records):
-    raise ReportError(f"benchmark file {path} is not a list of step_time.py records "
-                      f"(each with {', '.join(_NEEDED)})")
-  return records
+    raise ReportError(f"benchmark file {path} is corrupt: {validate.short(error)}") from None
+  if not isinstance(records, list):
+    raise ReportError(f"benchmark file {path} is not a list of step_time.py records (it is "
+                      f"{validate.describe(records)})")
+  return validate.good_records(records, validate.BENCHMARK_RECORD, path, "record")
 
 
 def match(records: list[dict], *, method: str, model: str, dtype: str,

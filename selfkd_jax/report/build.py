@@ -7,7 +7,7 @@ import sys
 from typing import Sequence
 
 from selfkd_jax.report import benchmark as benchmark_lib
-from selfkd_jax.report import markdown, plots, tables
+from selfkd_jax.report import markdown, plots, tables, validate
 from selfkd_jax.report import runs as runs_lib
 from selfkd_jax.report.groups import group_runs
 from selfkd_jax.report.runs import ReportError
@@ -40,11 +40,14 @@ def build(run_dirs: Sequence[str], out: str, benchmark_path: str | None = None) 
   """Writes the report for the runs under `run_dirs` into `out`; returns the exit status.
 
   0: written. 1: written, but some runs were unreadable (named on stderr and in report.md).
+  A bad benchmark record, eval_history.json or metrics.jsonl only costs a ratio or a curve: it
+  is named on stderr (`validate.skipping`) and does not change the status.
 
   Raises:
     ReportError: nothing can be reported (no runs, no finished run, runs of several datasets,
       a seed twice in one group, an unusable benchmark file, `out` is a run directory).
   """
+  validate.reset()
   if os.path.exists(os.path.join(out, runs_lib.CONFIG_FILE)):
     raise ReportError(f"--out {out} is a run directory; write the report elsewhere")
   records = benchmark_lib.load(benchmark_path) if benchmark_path else None

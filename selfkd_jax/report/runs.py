@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Sequence
 
+from selfkd_jax.report import validate
+from selfkd_jax.report.validate import is_number
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, EVAL_HISTORY_FILE,
                                             METRICS_FILE, RESULTS_FILE, TENSORBOARD_DIR)
 
 # Folders a run writes that never hold another run: not searched (orbax checkpoints are big).
 _NOT_RUNS = (CHECKPOINT_DIR, TENSORBOARD_DIR)
-# results.json keys the report needs, each a finite number; the other numbers may be null.
-REQUIRED_NUMBERS = ("test_top1", "test_top5", "test_nll", "test_ece", "test_aurc",
-                    "best_test_top1")
-OPTIONAL_NUMBERS = ("test_ece_10bins", "best_epoch", "epochs", "wall_s", "images_per_s")
 BIN_KEYS = ("count", "confidence_sum", "correct_sum")
 
 
@@ -70,7 +67,7 @@ def discover(paths: Sequence[str]) -> list[str]:
 
 
 def _read_json(path: str):
-  with open(path) as f:
+  with open(path) as f:  # a file that is not UTF-8 raises UnicodeDecodeError, a ValueError
     return json.load(f)
 
 
@@ -80,42 +77,26 @@ def load_run(path: str) -> Run:
   config_path = os.path.join(path, CONFIG_FILE)
   try:
     run.config = _read_json(config_path)
-    if not isinstance(run.config, dict) or not isinstance(run.config.get("method"), dict):
-      raise ValueError("not a run config (no method)")
+    _raise_problem(run.config, validate.CONFIG)
   except (OSError, ValueError) as error:
-    run.config, run.problem = None, f"{config_path} is corrupt: {_short(error)}"
+    run.config, run.problem = None, f"{config_path} is corrupt: {validate.short(error)}"
     return run
   results_path = os.path.join(path, RESULTS_FILE)
   if not os.path.exists(results_path):
     return run
   try:
     run.results = _read_json(results_path)
-    _check_results(run.results)
+    _raise_problem(run.results, validate.RESULTS)
+    calibration_bins(run.results)  # raises on a malformed entry
   except (OSError, ValueError) as error:
-    run.results, run.problem = None, f"{results_path} is corrupt: {_short(error)}"
+    run.results, run.problem = None, f"{results_path} is corrupt: {validate.short(error)}"
   return run
 
 
-def _short(error: Exception) -> str:
-  return " ".join(str(error).split())[:200]
-
-
-def _is_number(value) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
-def _check_results(results) -> None:
-  if not isinstance(results, dict):
-    raise ValueError("not a JSON object")
-  for key in REQUIRED_NUMBERS:
-    if not _is_number(results.get(key)):
-      raise ValueError(f"{key}={results.get(key)!r}, expected a number")
-  for key in OPTIONAL_NUMBERS:
-    if results.get(key) is not None and not _is_number(results[key]):
-      raise ValueError(f"{key}={results[key]!r}, expected a number or null")
-  if "test_calibration_bins" in results:
-    calibration_bins(results)  # raises on a malformed entry
+def _raise_problem(record, schema: validate.Schema) -> None:
+  found = validate.problem(record, schema)
+  if found is not None:
+    raise ValueError(found)
 
 
 def calibration_bins(results: dict) -> dict[str, list[float]] | None:
@@ -132,7 +113,7 @@ def calibration_bins(results: dict) -> dict[str, list[float]] | None:
   lengths = {len(bins[k]) for k in BIN_KEYS}
   if len(lengths) != 1 or 0 in lengths:
     raise ValueError("calibration_bins lists are empty or of different lengths")
-  if not all(_is_number(v) and v >= 0 for k in BIN_KEYS for v in bins[k]):
+  if not all(is_number(v) and v >= 0 for k in BIN_KEYS for v in bins[k]):
     raise ValueError("calibration_bins holds a negative or non-numeric value")
   return {k: [float(v) for v in bins[k]] for k in BIN_KEYS}
 
@@ -150,33 +131,53 @@ def check_one_dataset(runs: Sequence[Run]) -> str:
 
 
 def eval_history(path: str) -> list[dict]:
-  """The run's per-epoch test metrics (`eval_history.json`), [] if absent or unreadable."""
+  """The run's per-epoch test metrics (`eval_history.json`) with a numeric epoch each.
+
+  [] if absent (no epoch evaluated yet). An unreadable file, or entries without an epoch, are
+  left out with one line on stderr: the run's results still count, only its curves lack them.
+  """
+  file = os.path.join(path, EVAL_HISTORY_FILE)
+  if not os.path.exists(file):
+    return []
   try:
-    history = _read_json(os.path.join(path, EVAL_HISTORY_FILE))
-  except (OSError, ValueError):
+    history = _read_json(file)
+  except (OSError, ValueError) as error:
+    validate.skipping(file, error)
     return []
   if not isinstance(history, list):
+    validate.skipping(file, f"not a list of epochs but {validate.describe(history)}")
     return []
-  return [e for e in history if isinstance(e, dict) and _is_number(e.get("epoch"))]
+  return validate.good_records(history, validate.EVAL_ENTRY, file, "record")
 
 
 def train_metrics(path: str) -> list[dict]:
   """Logged train metrics (`metrics.jsonl`, kind 'train'), one per step, by step.
 
   A resumed run logs again the steps after its last checkpoint: the later line wins, as it
-  belongs to the run that went on. A line cut short by a crash is skipped.
+  belongs to the run that went on. A line cut short by a crash (and glued to the next one by a
+  resume) is skipped silently; a file where no line parses, or train records without a step,
+  are named on stderr.
   """
-  by_step: dict[int, dict] = {}
-  try:
-    with open(os.path.join(path, METRICS_FILE)) as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(record, dict) and record.get("kind") == "train" and \
-            _is_number(record.get("step")):
-          by_step[int(record["step"])] = record
-  except OSError:
+  file = os.path.join(path, METRICS_FILE)
+  if not os.path.exists(file):
     return []
+  try:
+    with open(file) as f:
+      lines = [line for line in f if line.strip()]
+  except (OSError, ValueError) as error:  # ValueError: not UTF-8
+    validate.skipping(file, error)
+    return []
+  records, first_error = [], None
+  for number, line in enumerate(lines, 1):
+    try:
+      records.append(json.loads(line))
+    except ValueError as error:
+      first_error = first_error or f"line {number}: {error}"
+  if lines and not records:
+    validate.skipping(file, f"no line is JSON ({first_error})")
+    return []
+  train = [r for r in records if isinstance(r, dict) and r.get("kind") == "train"]
+  by_step: dict[int, dict] = {}
+  for record in validate.good_records(train, validate.TRAIN_RECORD, file, "train record"):
+    by_step[int(record["step"])] = record
   return [by_step[step] for step in sorted(by_step)]
