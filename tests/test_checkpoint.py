@@ -113,8 +113,11 @@ def test_keeps_the_newest_verified_steps_and_a_restore_leaves_them_valid(tmp_pat
 
 
 def test_an_unverified_step_is_not_counted_among_the_kept_ones(tmp_path):
-  checkpointer, _ = _saved(tmp_path, steps=(1, 2), keep=2)
-  _flip_byte(_largest_data_file(os.path.join(checkpointer.directory, "2")))
+  first_run, _ = _saved(tmp_path, steps=(1, 2), keep=2)
+  first_run.close()
+  _flip_byte(_largest_data_file(os.path.join(first_run.directory, "2")))
+  # A resumed run trusts nothing it did not verify itself.
+  checkpointer = Checkpointer(str(tmp_path), keep=2)
   checkpointer.save(3, _state(3))
   # 2 is damaged, so 1 is still one of the two newest verified steps and must survive.
   assert checkpointer.steps() == [3, 2, 1]
@@ -126,3 +129,16 @@ def test_an_unverified_step_is_not_counted_among_the_kept_ones(tmp_path):
 def test_keep_must_be_at_least_one(tmp_path):
   with pytest.raises(ValueError, match="keep must be >= 1"):
     Checkpointer(str(tmp_path), keep=0)
+
+
+def test_a_save_reads_back_only_what_it_wrote(tmp_path, monkeypatch):
+  # Steps this run recorded are not hashed again when older ones are pruned: one hash per save.
+  from selfkd_jax.train import checkpoint as checkpoint_lib
+  hashed = []
+  original = checkpoint_lib.step_checksums
+  monkeypatch.setattr(checkpoint_lib, "step_checksums",
+                      lambda d: hashed.append(os.path.basename(d)) or original(d))
+  checkpointer, _ = _saved(tmp_path, steps=(1, 2, 3, 4, 5), keep=2)
+  assert hashed == ["1", "2", "3", "4", "5"]
+  assert checkpointer.steps() == [5, 4]
+  checkpointer.close()

@@ -53,6 +53,15 @@ def wait_for_checkpoint(workdir, process, timeout=240):
   raise AssertionError("no checkpoint appeared")
 
 
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  """An uninterrupted RUN_FLAGS run; tests copy it, never change it."""
+  workdir = str(tmp_path_factory.mktemp("straight") / "run")
+  result = launch(workdir, *RUN_FLAGS)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
 def checkpoint_leaves(workdir):
   manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
   step = manager.latest_step()
@@ -143,25 +152,6 @@ def test_a_busy_workdir_is_refused_and_the_owner_finishes_intact(tmp_path):
   assert len(steps) == len(set(steps)), "a second writer logged the same steps"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--config.method.alpha_T=1.5"], "config.method.alpha_T=1.5 is outside [0, 1]"),
-    (["--config.optimizer.learning_rate=nan"], "config.optimizer.learning_rate=nan must be > 0"),
-    (["--config.keep_checkpoints=0"], "config.keep_checkpoints=0 must be >= 1"),
-    (["--config.method.name=nope"], "config.method.name='nope' is not allowed"),
-    (["--config.method.no_such_key=1"], "no_such_key"),
-    (["--config.num_devices=2", "--config.batch_size=127"],
-     "config.batch_size=127 must be a positive multiple of the device count (2)"),
-])
-def test_bad_configuration_exits_2_with_one_line(tmp_path, flags, message):
-  result = launch(str(tmp_path), "--config=configs/fashion_mnist/pskd.py:smoke", *flags,
-                  timeout=120)
-  assert result.returncode == 2, result.stderr
-  assert "Traceback" not in result.stderr
-  error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(error_lines) == 1 and message in error_lines[0], result.stderr
-  assert not os.listdir(tmp_path)  # refused before anything was written
-
-
 def test_teacher_overrides_go_through_the_student_config(tmp_path):
   # --config.teacher.config.* reaches the nested teacher config (here: refused before training).
   result = launch(str(tmp_path), "--config=configs/fashion_mnist/kd.py:smoke",
@@ -186,10 +176,20 @@ def test_a_workdir_that_cannot_be_one_is_one_line(tmp_path, kind):
   assert path.read_text() == "not a directory\n"
 
 
-def test_a_flipped_byte_in_the_last_checkpoint_falls_back_and_ends_the_same(tmp_path):
+def test_an_existing_directory_that_cannot_be_written_is_one_line():
+  # /proc exists on every Linux and refuses new files even to root (for whom os.access says
+  # yes): the case of a read-only mount.
+  result = launch("/proc", "--config=configs/fashion_mnist/pskd.py:smoke", timeout=120)
+  assert result.returncode == 1, result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      "error: --workdir /proc is not writable: cannot create /proc/.lock ("), result.stderr
+
+
+def test_a_flipped_byte_in_the_last_checkpoint_falls_back_and_ends_the_same(tmp_path,
+                                                                           straight_run):
   import shutil
-  straight, damaged = str(tmp_path / "straight"), str(tmp_path / "damaged")
-  assert launch(straight, *RUN_FLAGS).returncode == 0
+  straight, damaged = straight_run, str(tmp_path / "damaged")
   shutil.copytree(straight, damaged)
   os.remove(os.path.join(damaged, "results.json"))
   last = os.path.join(damaged, "checkpoints", str(6 * 16))
@@ -217,21 +217,95 @@ SMOKE = "--config=configs/fashion_mnist/pskd.py:smoke"
 CIFAR = "--config=configs/cifar100/pskd_preact_resnet18.py"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--config=no_such_config.py"], "--config: OSError"),
-    (["--config=configs"], "--config: IsADirectoryError"),
-    ([f"{SMOKE[:-6]}:nonsense"], "unknown config argument 'nonsense'; allowed: smoke"),
-    ([SMOKE, "--config.eval_every_epochs=0"], "config.eval_every_epochs=0 must be an integer"),
-    ([SMOKE, "--config.seed=-1"], "config.seed=-1 must be an integer >= 0"),
-    ([CIFAR, "--config.optimizer.milestones=abc"], "config.optimizer.milestones=('abc',)"),
-    ([SMOKE, "--config.num_epochs=1000000000000"], "the step counter is int32"),
+KD = "--config=configs/fashion_mnist/kd.py:smoke"
+# Every configuration check, launched as a user would: (flags, the error line's text, id).
+# "{tiny}" is a Fashion-MNIST-format folder of 4x4 images written by the test.
+BAD_INPUTS = [
+    (["--config=no_such_config.py"], "--config: OSError", "missing file"),
+    (["--config=configs"], "--config: IsADirectoryError", "directory"),
+    ([f"{SMOKE[:-6]}:nonsense"], "unknown config argument 'nonsense'; allowed: smoke", "bad arg"),
+    ([SMOKE, "--no_such_flag"], "Unknown command line flag 'no_such_flag'", "unknown flag"),
+    ([SMOKE, "--config.no_such_key=1"], "bad config override", "unknown key"),
+    ([SMOKE, "--config.eval_every_epochs=0"], "config.eval_every_epochs=0 must be an integer",
+     "eval_every 0"),
+    ([SMOKE, "--config.seed=-1"], "config.seed=-1 must be an integer >= 0", "seed -1"),
+    ([SMOKE, "--config.num_epochs=0"], "config.num_epochs=0 must be an integer > 0", "epochs 0"),
+    ([CIFAR, "--config.optimizer.milestones=abc"], "config.optimizer.milestones=('abc',)",
+     "milestones abc"),
+    ([SMOKE, "--config.optimizer.milestones=(3,)"],
+     "config.optimizer.milestones=(3,) has no effect with config.optimizer.schedule='cosine'",
+     "milestones with cosine"),
+    ([SMOKE, "--config.num_epochs=1000000000000"], "the step counter is int32", "int32 steps"),
     ([SMOKE, "--config.data.limit_train=100000"],
-     "config.data.limit_train=100000 exceeds the 60000 training examples"),
-    ([SMOKE, "--config.data.crop_padding=100"], "config.data.crop_padding=100 must be -1"),
-], ids=["missing file", "directory", "bad arg", "eval_every 0", "seed -1", "milestones abc",
-        "int32 steps", "limit_train", "crop_padding"])
-def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, flags, message):
+     "config.data.limit_train=100000 exceeds the 60000 training examples", "limit_train"),
+    ([SMOKE, "--config.data.limit_train=-1"], "config.data.limit_train=-1 must be >= 0",
+     "limit_train -1"),
+    ([SMOKE, "--config.data.crop_padding=100"], "config.data.crop_padding=100 must be -1",
+     "crop_padding"),
+    ([SMOKE, "--config.data.dir={tiny}", "--config.data.limit_train=0"],
+     "config.model.name='lenet5_bn' cannot take the 4x4x1 images of 'fashion_mnist'",
+     "4x4 images"),
+    ([SMOKE, "--config.data.name=no_such_dataset"],
+     "config.data.name='no_such_dataset' is not a known dataset", "dataset"),
+    ([SMOKE, "--config.data.reader=magic"], "config.data.reader='magic' is not allowed",
+     "reader"),
+    ([SMOKE, "--config.model.name=resnet1000"], "config.model.name='resnet1000' is not allowed",
+     "model"),
+    ([SMOKE, "--config.model.dtype=float8"], "config.model.dtype='float8' is not allowed",
+     "dtype"),
+    ([SMOKE, "--config.model.num_classes=7"],
+     "config.model.num_classes=7 does not match dataset 'fashion_mnist'", "num_classes"),
+    ([SMOKE, "--config.parallel=threads"], "config.parallel='threads' is not allowed",
+     "parallel"),
+    ([SMOKE, "--config.num_devices=3"], "config.num_devices=3 but only 2 devices", "devices"),
+    ([SMOKE, "--config.batch_size=4096"],
+     "config.batch_size=4096 is larger than the training set (2048 examples)", "batch > N"),
+    ([SMOKE, "--config.eval_batch_size=3"], "config.eval_batch_size=3 must be 0", "eval batch"),
+    ([SMOKE, "--config.optimizer.name=lbfgs"], "config.optimizer.name='lbfgs' is not allowed",
+     "optimizer"),
+    ([SMOKE, "--config.optimizer.schedule=linear"],
+     "config.optimizer.schedule='linear' is not allowed", "schedule"),
+    ([SMOKE, "--config.method.alpha_T=1.5"], "config.method.alpha_T=1.5 is outside [0, 1]",
+     "alpha_T 1.5"),
+    ([SMOKE, "--config.optimizer.learning_rate=nan"],
+     "config.optimizer.learning_rate=nan must be > 0", "lr nan"),
+    ([SMOKE, "--config.keep_checkpoints=0"], "config.keep_checkpoints=0 must be >= 1",
+     "keep 0"),
+    ([SMOKE, "--config.method.name=nope"], "config.method.name='nope' is not allowed",
+     "method"),
+    ([SMOKE, "--config.method.no_such_key=1"], "no_such_key", "method key"),
+    ([SMOKE, "--config.batch_size=127"],
+     "config.batch_size=127 must be a positive multiple of the device count (2)", "batch 127"),
+    ([SMOKE, "--config.method.refresh=never"], "config.method.refresh='never' is not allowed",
+     "refresh"),
+    ([SMOKE, "--config.method.storage_dtype=int8"],
+     "config.method.storage_dtype='int8' is not allowed", "storage dtype"),
+    ([KD, "--config.method.temperature=0"], "config.method.temperature=0.0 must be > 0",
+     "temperature 0"),
+    ([KD, "--config.method.alpha=2"], "config.method.alpha=2.0 is outside [0, 1]", "alpha 2"),
+    ([KD, "--config.teacher.config.model.name=nope"],
+     "config.teacher.config.model.name='nope' is not allowed", "teacher model"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tmp_path_factory):
+  """A Fashion-MNIST-format folder whose images are 4x4: too small for LeNet's pooling."""
+  from test_data_idx import _write_dataset  # pylint: disable=g-import-not-at-top
+  folder = tmp_path_factory.mktemp("tiny4")
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (256, 4, 4), dtype=np.uint8)
+  labels = (np.arange(256) % 10).astype(np.uint8)
+  _write_dataset(folder, images, labels, images[:64], labels[:64])
+  return str(folder)
+
+
+@pytest.mark.parametrize("flags, message", [entry[:2] for entry in BAD_INPUTS],
+                         ids=[entry[2] for entry in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, tiny_images,
+                                                                     flags, message):
   workdir = tmp_path / "run"
+  flags = [flag.replace("{tiny}", tiny_images) for flag in flags]
   result = launch(str(workdir), *flags, timeout=120)
   assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr
@@ -250,10 +324,10 @@ def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
       result.stderr
 
 
-def test_garbage_results_are_rewritten_and_garbage_history_is_one_line(tmp_path):
+def test_garbage_results_are_rewritten_and_garbage_history_is_one_line(tmp_path, straight_run):
   import shutil
   finished, resumable = str(tmp_path / "finished"), str(tmp_path / "resumable")
-  assert launch(finished, *RUN_FLAGS).returncode == 0
+  shutil.copytree(straight_run, finished)
   with open(os.path.join(finished, "results.json")) as f:
     results = json.load(f)
   shutil.copytree(finished, resumable)
@@ -281,3 +355,34 @@ def test_garbage_results_are_rewritten_and_garbage_history_is_one_line(tmp_path)
   assert "Traceback" not in refused.stderr
   with open(history) as f:
     assert f.read() == "[{]"
+
+
+def test_a_failed_save_is_one_line_and_the_rerun_ends_as_if_nothing_happened(tmp_path,
+                                                                           straight_run):
+  """A full disk, simulated by a file-size limit (the same write error from TensorStore, EFBIG
+  instead of ENOSPC): the first save fails, the run stops with one line, nothing is trusted
+  from the half-written step, and the same command later finishes exactly like a clean run."""
+  import resource
+
+  def small_files():  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+  workdir = str(tmp_path / "run")
+  full = subprocess.run([sys.executable, "launch.py", f"--workdir={workdir}", *RUN_FLAGS],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+                        preexec_fn=small_files)
+  assert full.returncode == 1, full.stderr
+  assert "Traceback" not in full.stderr, full.stderr[-3000:]
+  assert full.stderr.strip().splitlines() == [
+      f"error: cannot save checkpoint 5 in {workdir}/checkpoints (File too large [errno 27]); "
+      "no earlier checkpoint exists: free space (or fix the file system) and run the same "
+      "command to resume"], full.stderr[-3000:]
+  assert not [n for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+
+  rerun = launch(workdir, *RUN_FLAGS)
+  assert rerun.returncode == 0, rerun.stderr
+  step_a, leaves_a = checkpoint_leaves(straight_run)
+  step_b, leaves_b = checkpoint_leaves(workdir)
+  assert step_a == step_b
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)

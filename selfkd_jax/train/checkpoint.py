@@ -23,23 +23,33 @@ What Orbax does not catch, this adds:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import sys
+import threading
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 
 from selfkd_jax.train.run_log import write_json_atomic
-from selfkd_jax.train.workdir_files import CHECKPOINT_DIR, CHECKSUM_DIR, checkpoint_steps
+from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CHECKSUM_DIR, WorkdirError,
+                                            checkpoint_steps)
 
 _CHUNK = 1 << 22
 
 
 class NoUsableCheckpoint(RuntimeError):
   """Checkpoints exist but none verifies and restores; the message lists why each failed."""
+
+
+class CheckpointSaveError(WorkdirError):
+  """A save failed (a full disk, a quota, an I/O error); the older checkpoints are untouched."""
 
 
 def step_checksums(step_dir: str) -> dict[str, list]:
@@ -56,6 +66,41 @@ def step_checksums(step_dir: str) -> dict[str, list]:
   return files
 
 
+def _first_line(error: Exception, limit: int = 300) -> str:
+  """The reason for `error` in one line: the OS error when TensorStore names one (its messages
+  run to hundreds of characters of paths), else the first line of the message, cut short."""
+  text = str(error)
+  os_error = re.search(r"os_error_code='?(\d+)", text)
+  if os_error:
+    return f"{os.strerror(int(os_error.group(1)))} [errno {os_error.group(1)}]"
+  lines = text.strip().splitlines()
+  return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"
+
+
+@contextlib.contextmanager
+def _background_failures_reported_once():
+  """Silences Orbax's worker threads while a save runs.
+
+  A failed write (a full disk) makes each of Orbax's writer threads log its own traceback, and
+  asyncio and `threading` add more as the loops shut down: a hundred lines for one cause. The
+  same failure reaches the caller as the save's exception, which `save` turns into one line, so
+  the threads' copies are dropped. Only for the save's duration; nothing else is hidden.
+  """
+  loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+  levels = [logger.level for logger in loggers]
+  hooks = threading.excepthook, sys.excepthook
+  try:
+    for logger in loggers:
+      logger.setLevel(logging.CRITICAL)
+    # TensorStore's callbacks into closed loops print through sys.excepthook.
+    threading.excepthook, sys.excepthook = (lambda args: None), (lambda *args: None)
+    yield
+  finally:
+    threading.excepthook, sys.excepthook = hooks
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+
+
 class Checkpointer:
   """Save/restore of the train state, synchronous so a save is complete when `save` returns."""
 
@@ -70,6 +115,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Steps this process recorded or verified: deleting old steps after a save then needs no
+    # second read of the kept ones (a multi-GB read per save at ImageNet scale).
+    self._verified: set[int] = set()
 
   def _step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
@@ -112,8 +160,10 @@ class Checkpointer:
       os.makedirs(self.checksum_directory, exist_ok=True)
       write_json_atomic(self._record_path(step),
                         {"step": step, "files": step_checksums(self._step_dir(step))})
+    self._verified.add(step)
 
   def _delete(self, step: int) -> None:
+    self._verified.discard(step)
     shutil.rmtree(self._step_dir(step), ignore_errors=True)
     if os.path.exists(self._record_path(step)):
       os.remove(self._record_path(step))
@@ -127,9 +177,17 @@ class Checkpointer:
       if jax.process_index() == 0:
         self._delete(step)
       self._manager.reload()
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-    self._manager.wait_until_finished()
-    self._record(step)
+    try:
+      with _background_failures_reported_once():
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._manager.wait_until_finished()
+      self._record(step)
+    except Exception as e:  # pylint: disable=broad-except  (Orbax wraps OS errors in ValueError)
+      older = [s for s in self.steps() if s != step]
+      kept = (f"checkpoint {older[0]} is intact" if older else "no earlier checkpoint exists")
+      raise CheckpointSaveError(
+          f"cannot save checkpoint {step} in {self.directory} ({_first_line(e)}); {kept}: "
+          "free space (or fix the file system) and run the same command to resume") from None
     if jax.process_index() == 0:
       self._delete_old(step)
 
@@ -139,7 +197,7 @@ class Checkpointer:
     for step in self.steps():
       if step > newest:
         continue
-      if kept < self.keep and (step == newest or self.verify(step) is None):
+      if kept < self.keep and (step in self._verified or self.verify(step) is None):
         kept += 1
         continue
       if kept >= self.keep:  # older than every kept step: safe to delete
@@ -166,7 +224,7 @@ class Checkpointer:
         try:
           state = self._manager.restore(step, args=args)
         except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)
-          problem = f"restore failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+          problem = f"restore failed: {_first_line(e, 200)}"
           if unrecorded:
             problem = f"no checksum record and {problem}"
         else:
@@ -174,6 +232,7 @@ class Checkpointer:
             self.log(f"Checkpoint {step} has no checksum record (the run stopped right after "
                      "saving it); restored it unverified and recorded it now")
             self._record(step)
+          self._verified.add(step)
           return state, step
       failures.append(f"{step} ({problem})")
       self.log(f"Skipping checkpoint {step}: {problem}")

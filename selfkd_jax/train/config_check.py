@@ -109,11 +109,17 @@ def _is_int(value) -> bool:
 
 
 def _check_milestones(config) -> None:
-  """Multistep milestones are positive epoch numbers (other schedules ignore them). A milestone
-  past the run is allowed: it is never reached (a smoke version of a long recipe)."""
-  if config.optimizer.schedule != "multistep":
-    return
+  """Multistep milestones are positive epoch numbers. A milestone past the run is allowed: it
+  is never reached (a smoke version of a long recipe). Other schedules have no milestones, and
+  refuse them rather than ignore them: a user who sets both expects both to act."""
   milestones = config.optimizer.milestones
+  schedule = config.optimizer.schedule
+  if schedule != "multistep":
+    if milestones:
+      raise ConfigError(f"config.optimizer.milestones={tuple(milestones)!r} has no effect with "
+                        f"config.optimizer.schedule={schedule!r} (only 'multistep' has "
+                        "milestones); drop them with --config.optimizer.milestones='()'")
+    return
   if isinstance(milestones, (str, bytes)) or not isinstance(milestones, (tuple, list)):
     raise ConfigError(f"config.optimizer.milestones={milestones!r} must be a list of epochs, "
                       "e.g. (150, 225)")
@@ -171,7 +177,13 @@ def check_against_dataset(config, info) -> None:
 
 
 def comparable(config_dict: dict) -> dict:
-  return {k: v for k, v in config_dict.items() if k not in RESUMABLE_KEYS}
+  """The keys that decide a run's result. Milestones count only for 'multistep': runs written
+  before other schedules refused them carry the then-default (150, 225) unused."""
+  kept = {k: v for k, v in config_dict.items() if k not in RESUMABLE_KEYS}
+  optimizer = kept.get("optimizer")
+  if isinstance(optimizer, dict) and optimizer.get("schedule") != "multistep":
+    kept["optimizer"] = {k: v for k, v in optimizer.items() if k != "milestones"}
+  return kept
 
 
 def check_workdir(config, workdir: str) -> None:

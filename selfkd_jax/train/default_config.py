@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.nesterov = True
   config.optimizer.weight_decay = 5e-4
   config.optimizer.schedule = "cosine"  # 'constant', 'multistep', 'cosine'
-  config.optimizer.milestones = (150, 225)
+  config.optimizer.milestones = ()      # epochs; 'multistep' only (others refuse them)
   config.optimizer.decay_factor = 0.1
   config.optimizer.warmup_epochs = 0.0
   return config

@@ -129,12 +129,26 @@ class Experiment:
         num_examples=self.num_train, num_classes=self.num_classes,
         num_epochs=config.num_epochs, steps_per_epoch=self.steps_per_epoch,
         dataset=config.data.name, data_dir=config.data.dir, seed=config.seed,
-        log=_log_line, **model_fields(eval_backbone, self.info.image_shape))
+        log=_log_line, **self._model_fields(eval_backbone))
     try:
       return setup_method(config.method, context, self.backbone, eval_backbone,
                           bn_axis_name=parallel.AXIS)
     except ValueError as e:  # a value the method's constructor refuses: a config error
       raise config_check.ConfigError(f"config.method ({config.method.name}): {e}") from None
+
+  def _model_fields(self, eval_backbone) -> dict:
+    """The backbone's output sizes, from a trace (no compile, no memory); images too small for
+    the model's pooling fail here, refused as a configuration error before anything is
+    written."""
+    try:
+      return model_fields(eval_backbone, self.info.image_shape)
+    except Exception as e:  # pylint: disable=broad-except  (shape errors come in many types)
+      reason = (str(e).strip().splitlines() or [""])[0][:200]
+      shape = "x".join(map(str, self.info.image_shape))
+      raise config_check.ConfigError(
+          f"config.model.name={self.config.model.name!r} cannot take the {shape} images of "
+          f"{self.config.data.name!r} ({type(e).__name__}: {reason}); use a model made for "
+          "images of this size") from None
 
   # -- state ---------------------------------------------------------------------------------
 

@@ -91,7 +91,9 @@ def _try_lock(workdir: str) -> tuple[int | None, str | None]:
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
-    raise WorkdirError(f"cannot open the lock file {path}: {e.strerror or e}") from None
+    # Root passes os.access everywhere; a read-only mount or /proc shows up only here.
+    raise WorkdirError(f"--workdir {workdir} is not writable: cannot create {path} "
+                       f"({e.strerror or e}); use another --workdir") from None
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
