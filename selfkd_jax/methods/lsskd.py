@@ -253,7 +253,7 @@ def lsskd(num_examples: int, num_classes: int, num_epochs: int, *, num_heads: in
     if main_pskd:
       main_targets = _past_targets(main_table, indices, labels, num_classes, alpha, axis_name)
       main_loss = losses.soft_cross_entropy(main_logits, main_targets)
-      main_table = _write(main_table, indices, main_logits, axis_name)
+      main_table = _write(main_table, indices, main_logits, axis_name, after=main_targets)
     else:
       main_loss = losses.cross_entropy(main_logits, labels)
 
@@ -268,8 +268,8 @@ def lsskd(num_examples: int, num_classes: int, num_epochs: int, *, num_heads: in
                                      temperature=temperature, distill_weight=distill_weight,
                                      feature_weight=feature_weight, aux_weight=aux_weight)
     loss = main_loss + jnp.mean(per_row.reshape(ROTATIONS, batch_size), axis=0)
-    aux_tables = tuple(_write(table, row_ids, z, axis_name)
-                       for table, z in zip(state.aux_predictions, head_logits))
+    aux_tables = tuple(_write(table, row_ids, z, axis_name, after=read)
+                       for table, z, read in zip(state.aux_predictions, head_logits, targets))
     new_state = LSSKDState(main_table, aux_tables)
 
     metrics = _metrics(alpha, aux_alpha, main_loss, head_logits, terms, labels, joint)
@@ -285,9 +285,10 @@ def _past_targets(table, row_ids, labels, num_outputs, alpha, axis_name):
   return losses.pskd_targets(labels, past, alpha)
 
 
-def _write(table, row_ids, logits, axis_name):
+def _write(table, row_ids, logits, axis_name, after):
+  """Writes the rows' softmax; `after` (what was read from `table`) keeps the update in place."""
   probs = jax.nn.softmax(lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
-  return scatter_rows(table, row_ids, probs, axis_name)
+  return scatter_rows(table, row_ids, probs, axis_name, after=after)
 
 
 def _checked_head_outputs(outputs, batch_size, num_heads, joint_classes):

@@ -80,9 +80,10 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_ep
     del rng
     return PSKDState(create_table(num_examples, (num_classes,), storage_dtype))
 
-  def write_predictions(state, logits, indices, axis_name):
+  def write_predictions(state, logits, indices, axis_name, after=None):
     probs = jax.nn.softmax(jax.lax.stop_gradient(logits).astype(jnp.float32), axis=-1)
-    return PSKDState(scatter_rows(state.past_predictions, indices, probs, axis_name))
+    return PSKDState(scatter_rows(state.past_predictions, indices, probs, axis_name,
+                                  after=after))
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del hooks
@@ -92,7 +93,7 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_ep
     past = first_visit_one_hot(past, labels, num_classes)
     loss = losses.soft_cross_entropy(logits, losses.pskd_targets(labels, past, alpha))
     if refresh == "step":
-      state = write_predictions(state, logits, batch["index"], axis_name)
+      state = write_predictions(state, logits, batch["index"], axis_name, after=past)
     return loss, state, {"pskd_alpha": jnp.asarray(alpha, jnp.float32)}
 
   def refresh_from_eval(state, outputs, batch, *, axis_name=None):
