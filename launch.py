@@ -11,9 +11,17 @@ process dies); a second launch on a busy workdir is refused. Exit status: 0 done
 environment error (data, non-finite loss, an unwritable workdir), 2 a bad configuration or a
 busy workdir, 130 / 143 stopped by SIGINT (Ctrl-C) / SIGTERM after saving a checkpoint.
 
-Multi-host (TPU pods, SLURM): start one process per host with the same command;
-`jax.distributed.initialize()` runs when `--distributed` is given or the environment shows a
-multi-process launch.
+Several processes (GPU nodes, TPU pod slices, or two on one machine): start the same command
+once per process. Under SLURM (`srun`, one task per process) nothing more is needed; on a TPU
+pod slice add `--distributed` (JAX finds its peers); elsewhere give process 0's address, the
+process count and each process's id, as flags or as JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID:
+
+    python launch.py --config=... --workdir=/shared/run --coordinator_address=10.0.0.1:1234 \
+        --num_processes=2 --process_id=0        # and --process_id=1 on the other process
+
+A partial or inconsistent set is refused in one line (exit 2). The workdir must be on a file
+system every process sees.
 """
 
 import os
@@ -31,8 +39,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     "--config.key=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, logs and "
                                "results.json; reusing it resumes the run.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Call jax.distributed.initialize() "
-                                 "(default: when SLURM or a JAX coordinator is detected).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Start JAX's multi-process runtime with "
+                                 "JAX's own cluster detection (TPU pod slices); SLURM and an "
+                                 "explicit coordinator are detected without it. "
+                                 "--nodistributed ignores SLURM's variables.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 "
+                                   "(else $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (else "
+                                      "$JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..num_processes-1 "
+                                   "(else $JAX_PROCESS_ID).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 10, "Seconds without a heartbeat "
+                                  "after which a lost process stops the others.")
 
 
 def _fail(message: str, status: int) -> None:
@@ -75,11 +93,21 @@ def parse_flags(argv):
     _fail(f"--config: {_one_line(f'{type(error).__name__}: {error}')}", 2)
 
 
-def _wants_distributed() -> bool:
-  if _DISTRIBUTED.value is not None:
-    return _DISTRIBUTED.value
-  return (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-          or "JAX_COORDINATOR_ADDRESS" in os.environ)
+def _start_cluster(cluster_lib) -> None:
+  """Resolves and starts the multi-process runtime; one line and exit 2 / 1 on failure."""
+  try:
+    cluster = cluster_lib.resolve({"coordinator_address": _COORDINATOR.value,
+                                   "num_processes": _NUM_PROCESSES.value,
+                                   "process_id": _PROCESS_ID.value},
+                                  os.environ, _DISTRIBUTED.value)
+  except ValueError as error:  # ConfigError
+    _fail(str(error), 2)
+  try:
+    cluster_lib.initialize(cluster, heartbeat_timeout_s=_HEARTBEAT.value)
+  except Exception as error:  # pylint: disable=broad-except  (any failure to join: one line)
+    where = cluster.coordinator_address or f"the {cluster.kind} coordinator"
+    _fail(f"process {cluster.process_id} could not join the {cluster.num_processes}-process "
+          f"run at {where}: {_one_line(f'{type(error).__name__}: {error}')}", 1)
 
 
 def main(argv):
@@ -91,6 +119,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
 
   from selfkd_jax.data import DataError  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train import cluster as cluster_lib  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.config_check import ConfigError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.workdir_lock import WorkdirError  # pylint: disable=g-import-not-at-top
@@ -103,8 +132,7 @@ def main(argv):
           NameError) as error:
     cause = error.__cause__ or error
     _fail(f"--config: {_one_line(f'{type(cause).__name__}: {cause}')}", 2)
-  if _wants_distributed():
-    jax.distributed.initialize()
+  _start_cluster(cluster_lib)
   try:
     results = loop.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as error:

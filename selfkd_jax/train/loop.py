@@ -62,15 +62,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 class _StopSignals:
   """Turns SIGTERM and SIGINT (Ctrl-C) into a flag the loop checks between steps, so that a
-  stop request saves a checkpoint first and a save is never cut short."""
+  stop request saves a checkpoint first and a save is never cut short.
+
+  With several processes the save is collective, so all must stop at the same step even when
+  the signal reached one (a preemption notice to one host): `agreed` shares the flags at steps
+  every process checks (log, epoch and checkpoint steps), and every process acts on the result.
+  One process checks its own flag after every step.
+  """
 
   def __init__(self):
     self.signum = None
     self._previous = {}
-
-  @property
-  def raised(self) -> bool:
-    return self.signum is not None
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signals need the main thread
@@ -80,6 +82,17 @@ class _StopSignals:
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
+
+  def agreed(self, at_check_step: bool) -> int | None:
+    """The signal to stop for now (the same on every process), or None."""
+    if jax.process_count() == 1:
+      return self.signum
+    if not at_check_step:
+      return None
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    signum = int(np.max(flags))  # SIGTERM (15) wins over SIGINT (2)
+    return signum or None
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
@@ -286,7 +299,7 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
   start_step = int(jax.device_get(state.step))
   steps_per_epoch, total_steps = experiment.steps_per_epoch, experiment.total_steps
   if resumed:
-    print(f"Resuming from step {start_step} ({checkpointer.directory})", flush=True)
+    _log_line(f"Resuming from step {start_step} ({checkpointer.directory})")
   experiment.compile(state)
   state = runner.from_global(state)
 
@@ -344,10 +357,13 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
             train_images += (step - window_start) * config.batch_size
           tick, window_start = now, step
           _update_progress(progress, step, last_values, train_images, train_time)
-        if stop.raised:
+        at_check_step = (step % log_every == 0 or step % steps_per_epoch == 0
+                         or step % checkpoint_every == 0 or step == total_steps)
+        signum = stop.agreed(at_check_step)
+        if signum:
           save(step)
-          raise Preempted(f"{signal.Signals(stop.signum).name}: saved a checkpoint at step "
-                          f"{step}; run the same command to resume", stop.signum)
+          raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step}; "
+                          "run the same command to resume", signum)
         if step % steps_per_epoch == 0:
           epoch = step // steps_per_epoch
           if experiment.refresh_step is not None:
@@ -359,7 +375,7 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
             history.append(entry)
             log.write("eval", step, {f"test_{k}": v for k, v in metrics_now.items()})
             log.write_eval_history(history)
-            print(_epoch_line(epoch, config.num_epochs, last_values, metrics_now), flush=True)
+            _log_line(_epoch_line(epoch, config.num_epochs, last_values, metrics_now))
           tick = time.time()
         if step % checkpoint_every == 0 or step == total_steps:
           save(step)

@@ -1,0 +1,182 @@
+"""Several processes for real: launch.py started once per process on 127.0.0.1 through JAX's
+multi-controller runtime (CPU collectives over Gloo), as a user starts them on a cluster."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from selfkd_jax.train import cluster
+from selfkd_jax.train.config_check import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 4 epochs of 16 steps, a checkpoint every 4 steps (and a stop check with it).
+FLAGS = ["--config=configs/fashion_mnist/pskd.py:smoke", "--config.num_epochs=4",
+         "--config.checkpoint_every_steps=4", "--config.log_every_steps=4",
+         "--config.progress_bar=False"]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices_per_process, **extra):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_"))}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}", **extra)
+  return env
+
+
+def start_processes(workdir, num_processes, devices_per_process, *flags):
+  """`num_processes` launch.py processes of one run, the documented way (JAX_* variables)."""
+  port = _free_port()
+  return [subprocess.Popen(
+      [sys.executable, "launch.py", f"--workdir={workdir}", *FLAGS, *flags], cwd=REPO,
+      env=_env(devices_per_process, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+               JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(num_processes)]
+
+
+def finish(processes, timeout=300):
+  outputs = [p.communicate(timeout=timeout) for p in processes]
+  return [p.returncode for p in processes], outputs
+
+
+def one_process(workdir, devices, *flags):
+  return subprocess.run([sys.executable, "launch.py", f"--workdir={workdir}", *FLAGS, *flags],
+                        cwd=REPO, env=_env(devices), capture_output=True, text=True,
+                        timeout=300)
+
+
+def final_leaves(workdir):
+  """The newest checkpoint's leaves, restored onto one device whatever wrote them."""
+  steps = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+  path = os.path.join(workdir, "checkpoints", str(steps[-1]), "default")
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata)
+  state = checkpointer.restore(path, abstract)
+  return steps[-1], [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def assert_same_run(workdir_a, workdir_b):
+  step_a, leaves_a = final_leaves(workdir_a)
+  step_b, leaves_b = final_leaves(workdir_b)
+  assert step_a == step_b
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)  # 2 devices: a sum of two is exact in any order
+  results = [json.load(open(os.path.join(w, "results.json"))) for w in (workdir_a, workdir_b)]
+  assert results[0]["test_top1"] == results[1]["test_top1"]
+
+
+@pytest.fixture(scope="module")
+def one_process_two_devices(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one") / "run")
+  result = one_process(workdir, 2)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def test_two_processes_equal_one_process_with_as_many_devices(tmp_path,
+                                                             one_process_two_devices):
+  workdir = str(tmp_path / "two")
+  codes, outputs = finish(start_processes(workdir, 2, 1))
+  assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+  assert_same_run(workdir, one_process_two_devices)
+  # Only process 0 speaks: its epoch lines and result; process 1 prints none of ours.
+  assert "epoch 4/4" in outputs[0][0] and "test top1" in outputs[0][0]
+  ours = [line for line in outputs[1][0].splitlines() if not line.startswith("[Gloo]")]
+  assert ours == [], outputs[1][0]
+  # Each process wrote its own checkpoint shards.
+  step_dir = os.path.join(workdir, "checkpoints", "64", "default")
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_then_resumes_exactly(
+    tmp_path, one_process_two_devices):
+  workdir = str(tmp_path / "two")
+  processes = start_processes(workdir, 2, 1)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 240
+  while not (os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints))):
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.02)
+  processes[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
+  codes, outputs = finish(processes)
+  assert codes == [143, 143], [err[-2000:] for _, err in outputs]
+  saved = [line for line in outputs[0][1].splitlines() if "saved a checkpoint at step" in line]
+  assert len(saved) == 1, outputs[0][1]
+  assert saved[0] in outputs[1][1]  # the same step on both
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+
+  codes, outputs = finish(start_processes(workdir, 2, 1))
+  assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+  assert "Resuming from step" in outputs[0][0]
+  assert_same_run(workdir, one_process_two_devices)
+
+
+BAD_LAUNCHES = [
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"},
+     "JAX_COORDINATOR_ADDRESS given but not --num_processes or JAX_NUM_PROCESSES and "
+     "--process_id or JAX_PROCESS_ID"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     "given but not --coordinator_address or JAX_COORDINATOR_ADDRESS"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2",
+      "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 must be below JAX_NUM_PROCESSES=2"),
+    ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"},
+     "JAX_COORDINATOR_ADDRESS='127.0.0.1' must be host:port"),
+    ({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES='two' must be an integer >= 1"),
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "1", "SLURM_JOB_ID": "7"},
+     "SLURM_NTASKS=4 but SLURM_STEP_NODELIST, SLURM_LOCALID are not set"),
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "3", "SLURM_JOB_ID": "7",
+      "SLURM_STEP_NODELIST": "n1", "SLURM_LOCALID": "0"},
+     "SLURM_PROCID=3 must be below SLURM_NTASKS=2"),
+]
+
+
+@pytest.mark.parametrize("environ, message", BAD_LAUNCHES)
+def test_a_partial_or_inconsistent_launch_is_refused(environ, message):
+  with pytest.raises(ConfigError) as error:
+    cluster.resolve({}, environ)
+  assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_resolved_launches():
+  explicit = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+              "JAX_PROCESS_ID": "3"}
+  assert cluster.resolve({}, explicit) == cluster.Cluster("explicit", "10.0.0.1:1234", 4, 3)
+  # Flags win over the environment.
+  assert cluster.resolve({"process_id": 1}, explicit).process_id == 1
+  slurm = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_ID": "7",
+           "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_LOCALID": "0"}
+  assert cluster.resolve({}, slurm) == cluster.Cluster("slurm", None, 2, 1)
+  assert cluster.resolve({}, slurm, distributed=False).kind == "single"
+  assert cluster.resolve({}, {"SLURM_NTASKS": "1"}).kind == "single"
+  assert cluster.resolve({}, {}, distributed=True).kind == "auto"
+  assert not cluster.resolve({}, {}).distributed
+
+
+def test_a_bad_launch_environment_is_one_line_before_anything_is_written(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run([sys.executable, "launch.py", f"--workdir={workdir}", *FLAGS],
+                          cwd=REPO, env=_env(1, JAX_COORDINATOR_ADDRESS="127.0.0.1:1234"),
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      "error: JAX_COORDINATOR_ADDRESS given but not --num_processes or JAX_NUM_PROCESSES and "
+      "--process_id or JAX_PROCESS_ID: a multi-process launch needs the coordinator address, "
+      "the process count and this process's id"], result.stderr
+  assert not workdir.exists()
