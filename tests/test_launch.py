@@ -386,3 +386,24 @@ def test_a_failed_save_is_one_line_and_the_rerun_ends_as_if_nothing_happened(tmp
   assert step_a == step_b
   for a, b in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_resumes_on_another_device_count(tmp_path):
+  """2047 examples: 2048 table rows on 2 devices, 2047 on 1. Stopped on 2, finished on 1; the
+  run goes on from the saved step (the device count changes results only by round-off)."""
+  workdir = str(tmp_path / "run")
+  flags = [*RUN_FLAGS, "--config.data.limit_train=2047"]
+  process = start(workdir, *flags)
+  wait_for_checkpoint(workdir, process)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 143, stderr
+  stopped_at = int(stderr.split("saved a checkpoint at step ")[1].split(";")[0])
+
+  resumed = launch(workdir, *flags[:-2], "--config.num_devices=1", flags[-1])
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"Resuming from step {stopped_at}" in resumed.stdout
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  assert results["num_devices"] == 1 and results["epochs"] == 6
+  assert results["test_top1"] > 0.5  # trained on, not restarted from a broken state

@@ -104,8 +104,9 @@ def test_two_processes_equal_one_process_with_as_many_devices(tmp_path,
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir))
 
 
+@pytest.mark.parametrize("resume_as", ["2 processes x 1 device", "1 process x 2 devices"])
 def test_sigterm_to_one_process_stops_both_at_the_same_step_then_resumes_exactly(
-    tmp_path, one_process_two_devices):
+    tmp_path, one_process_two_devices, resume_as):
   workdir = str(tmp_path / "two")
   processes = start_processes(workdir, 2, 1)
   checkpoints = os.path.join(workdir, "checkpoints")
@@ -121,9 +122,15 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_then_resumes_exactly
   assert saved[0] in outputs[1][1]  # the same step on both
   assert not os.path.exists(os.path.join(workdir, "results.json"))
 
-  codes, outputs = finish(start_processes(workdir, 2, 1))
-  assert codes == [0, 0], [err[-2000:] for _, err in outputs]
-  assert "Resuming from step" in outputs[0][0]
+  if resume_as.startswith("2"):
+    codes, outputs = finish(start_processes(workdir, 2, 1))
+    assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+    resumed_output = outputs[0][0]
+  else:  # the same device count in one process: the same arithmetic, so the same bits
+    result = one_process(workdir, 2)
+    assert result.returncode == 0, result.stderr
+    resumed_output = result.stdout
+  assert "Resuming from step" in resumed_output
   assert_same_run(workdir, one_process_two_devices)
 
 

@@ -174,7 +174,8 @@ class Experiment:
   def initial_state(self, checkpointer: Checkpointer):
     init = self.init_fn()
     if checkpointer.latest_step() is not None:
-      state, _ = checkpointer.restore(self.runner.abstract_state(init))
+      abstract = self.runner.abstract_state(init)
+      state, _ = checkpointer.restore(abstract, adapt=self.runner.table_rows_adapter(abstract))
       return state, True
     return self.runner.init_state(init), False
 

@@ -39,6 +39,31 @@ def _expand_specs(specs, tree):
                       is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
+def _leaf_names(tree) -> dict[str, Any]:
+  """`{dotted name: leaf}`, named as Orbax names a checkpoint's leaves."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_dotted(path): leaf for path, leaf in leaves}
+
+
+def _dotted(path) -> str:
+  return ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))))
+                  for k in path)
+
+
+def _map_named(fn, tree):
+  return jax.tree_util.tree_map_with_path(lambda path, leaf: fn(_dotted(path), leaf), tree)
+
+
+def _fit_rows(rows: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
+  """`rows` cut or zero-padded along axis 0 to `like`'s row count, laid out as `like`."""
+
+  def fit(x):
+    kept = x[:min(x.shape[0], like.shape[0])]
+    return jnp.pad(kept, [(0, like.shape[0] - kept.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+  return jax.jit(fit, out_shardings=like.sharding)(rows)
+
+
 class ShardMapRunner:
   """`jax.shard_map` over a 1-D mesh, under `jax.jit` (the default)."""
 
@@ -65,6 +90,41 @@ class ShardMapRunner:
     abstract = jax.eval_shape(init_fn)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, self.shardings(abstract))
+
+  def table_rows_adapter(self, abstract_state):
+    """A `Checkpointer.restore` adapter for checkpoints written on another device count.
+
+    Tables are padded to a multiple of the device count, so a checkpoint from another count
+    can hold more or fewer rows than this run's tables. Those leaves are restored replicated
+    (a transient whole table per device), cut or zero-padded to this run's row count (the rows
+    past the dataset are padding, never read) and sharded by rows again. Every other leaf, and
+    every table whose row count matches, restores as usual.
+    """
+    named = _leaf_names(abstract_state)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    def adapt(saved_shapes):
+      def is_moved(name, leaf):
+        saved = saved_shapes.get(name)
+        return (saved is not None and saved != leaf.shape and len(saved) == len(leaf.shape)
+                and saved[1:] == leaf.shape[1:]
+                and leaf.sharding.spec == PartitionSpec(AXIS))
+
+      moved = {name for name, leaf in named.items() if is_moved(name, leaf)}
+      if not moved:
+        return abstract_state, None
+      target = _map_named(
+          lambda name, leaf: (jax.ShapeDtypeStruct(saved_shapes[name], leaf.dtype,
+                                                   sharding=replicated)
+                              if name in moved else leaf), abstract_state)
+
+      def convert(state):
+        return _map_named(lambda name, x: (_fit_rows(x, named[name]) if name in moved else x),
+                          state)
+
+      return target, convert
+
+    return adapt
 
   def compile_train(self, body, abstract_state):
     """`body(state, batch, frozen) -> (state, metrics)`; `frozen` (a teacher's variables, or an
@@ -122,6 +182,41 @@ class PmapRunner(ShardMapRunner):
   """
 
   name = "pmap"
+
+  def table_rows_adapter(self, abstract_state):
+    """A `Checkpointer.restore` adapter for checkpoints written on another device count.
+
+    Tables are padded to a multiple of the device count, so a checkpoint from another count
+    can hold more or fewer rows than this run's tables. Those leaves are restored replicated
+    (a transient whole table per device), cut or zero-padded to this run's row count (the rows
+    past the dataset are padding, never read) and sharded by rows again. Every other leaf, and
+    every table whose row count matches, restores as usual.
+    """
+    named = _leaf_names(abstract_state)
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+
+    def adapt(saved_shapes):
+      def is_moved(name, leaf):
+        saved = saved_shapes.get(name)
+        return (saved is not None and saved != leaf.shape and len(saved) == len(leaf.shape)
+                and saved[1:] == leaf.shape[1:]
+                and leaf.sharding.spec == PartitionSpec(AXIS))
+
+      moved = {name for name, leaf in named.items() if is_moved(name, leaf)}
+      if not moved:
+        return abstract_state, None
+      target = _map_named(
+          lambda name, leaf: (jax.ShapeDtypeStruct(saved_shapes[name], leaf.dtype,
+                                                   sharding=replicated)
+                              if name in moved else leaf), abstract_state)
+
+      def convert(state):
+        return _map_named(lambda name, x: (_fit_rows(x, named[name]) if name in moved else x),
+                          state)
+
+      return target, convert
+
+    return adapt
 
   def compile_train(self, body, abstract_state):
     del abstract_state
