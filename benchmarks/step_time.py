@@ -19,6 +19,12 @@ methods) dispatch cost to every sample; timing windows of many steps would hide 
 a mean, not a per-step median. `ratio_to_ce` divides by CE's median for the same model, dtype
 and batch. The benchmark only measures; it never asserts on speed.
 
+Device-independent cost, from the same compiled executable that is timed: XLA's HLO cost
+analysis (`compiled.cost_analysis()`: `flops` and `bytes_accessed` of one step, per device) and
+its memory analysis (`temp_bytes`: the step's temporaries), with `flops_ratio_to_ce` and
+`bytes_ratio_to_ce` against CE's for the same model, dtype and batch. Unlike the times they do
+not vary from run to run, so they separate what a method computes from how fast a device runs it.
+
 Methods with extra forward passes are timed with them: the teacher methods (KD, DKD, AEKT,
 Tf-KD_self) with a teacher of the student's own architecture (random weights; its cost does
 not depend on them), CS-KD with a partner image per example (`batch_size` anchors + as many
@@ -119,10 +125,17 @@ class _Case:
     self.samples_ms: list[float] = []
     self.compile_s = None
     self.compiled_memory_bytes = None
+    self.temp_bytes = None
+    self.flops = None
+    self.bytes_accessed = None
     self.peak_memory_bytes = None
 
   def compile(self, batch) -> None:
-    """Compiles for `batch`'s shapes; records compile time and XLA's memory estimate."""
+    """Compiles for `batch`'s shapes; records compile time and XLA's memory and cost analyses.
+
+    The executable analysed is the one that is timed: the runner's jitted step, lowered and
+    compiled once here, then called by `run`.
+    """
     start = time.perf_counter()
     self.train_step = self.train_step.lower(self.state, batch, self.teacher_variables).compile()
     self.compile_s = time.perf_counter() - start
@@ -131,6 +144,8 @@ class _Case:
       self.compiled_memory_bytes = int(
           analysis.argument_size_in_bytes + analysis.output_size_in_bytes
           - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+      self.temp_bytes = int(analysis.temp_size_in_bytes)
+    self.flops, self.bytes_accessed = compiled_cost(self.train_step)
 
   def run(self, batches, record: bool) -> None:
     """One step per batch, each waited for; appends the per-step wall times if `record`."""
@@ -144,6 +159,37 @@ class _Case:
   def percentiles_ms(self) -> tuple[float, float, float]:
     """p10, median and p90 of the recorded step times."""
     return tuple(float(x) for x in np.percentile(self.samples_ms, [10, 50, 90]))
+
+
+def compiled_cost(compiled) -> tuple[float | None, float | None]:
+  """(FLOPs, bytes accessed) of one call of `compiled`, from XLA's HLO cost analysis.
+
+  `Compiled.cost_analysis()` returns a dict, or (some JAX versions and backends) a list of one
+  dict per program (the step is one program: the first is read); None or an empty result (a backend without the analysis) gives
+  (None, None), and a missing key gives None for that value. With several devices the program
+  analysed is the per-device (SPMD) one, so the numbers are per device.
+  """
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except  # a backend may not implement it
+    return None, None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis:
+    return None, None
+
+  def value(key):
+    number = analysis.get(key)
+    return float(number) if number is not None and number >= 0 else None
+
+  return value("flops"), value("bytes accessed")
+
+
+def _ratio(value, reference):
+  """value / reference, or None where either is unknown (or the reference is 0)."""
+  if value is None or not reference:
+    return None
+  return value / reference
 
 
 def _synthetic_batches(runner, *, num_batches, batch_size, image_shape, num_classes,
@@ -240,6 +286,7 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
   device = devices[0]
   ce_median = {case.dtype_name: case.percentiles_ms()[1] for case in cases
                if case.method_name == "ce"}
+  ce_case = {case.dtype_name: case for case in cases if case.method_name == "ce"}
   records = []
   for case in cases:
     p10, median, p90 = case.percentiles_ms()
@@ -253,21 +300,36 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
         "images_per_s": batch_size / (median / 1e3), "timed_steps": len(case.samples_ms),
         "state_bytes_per_device": case.state_bytes_per_device,
         "peak_memory_bytes": case.peak_memory_bytes,
-        "compiled_memory_bytes": case.compiled_memory_bytes, "compile_s": case.compile_s,
+        "compiled_memory_bytes": case.compiled_memory_bytes, "temp_bytes": case.temp_bytes,
+        "flops": case.flops, "bytes_accessed": case.bytes_accessed,
+        "flops_ratio_to_ce": _ratio(case.flops, ce_case[case.dtype_name].flops),
+        "bytes_ratio_to_ce": _ratio(case.bytes_accessed,
+                                    ce_case[case.dtype_name].bytes_accessed),
+        "compile_s": case.compile_s,
         "jax_version": jax.__version__, "timestamp": timestamp,
     })
   return records
 
 
 def markdown_table(records: list[dict[str, Any]]) -> str:
+  """One row per record; a cost field that is missing or null (an older record, a backend
+  without the analysis) shows as '–'."""
+
+  def cell(record, key, scale=1.0, digits=3):
+    value = record.get(key)
+    return "–" if value is None else f"{value / scale:.{digits}f}"
+
   lines = ["| method | dtype | step ms (median) | p10–p90 ms | × CE | images/s | "
-           "table MiB/device |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+           "table MiB/device | GFLOP | FLOPs × CE | MiB accessed | bytes × CE | temp MiB |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in records:
     lines.append(f"| {r['method']} | {r['dtype']} | {r['step_time_ms']:.2f} | "
                  f"{r['step_time_ms_p10']:.2f}–{r['step_time_ms_p90']:.2f} | "
                  f"{r['ratio_to_ce']:.3f} | {r['images_per_s']:.0f} | "
-                 f"{r['state_bytes_per_device'] / 2**20:.2f} |")
+                 f"{r['state_bytes_per_device'] / 2**20:.2f} | "
+                 f"{cell(r, 'flops', 1e9)} | {cell(r, 'flops_ratio_to_ce')} | "
+                 f"{cell(r, 'bytes_accessed', 2**20, 1)} | {cell(r, 'bytes_ratio_to_ce')} | "
+                 f"{cell(r, 'temp_bytes', 2**20, 2)} |")
   return "\n".join(lines)
 
 

@@ -58,3 +58,33 @@ def test_every_registered_method_is_benchmarked(tmp_path):
   assert [r["method"] for r in records] == list(METHOD_NAMES)
   assert all(r["step_time_ms"] > 0 for r in records)
   assert not os.path.exists("artifacts/reffakd_synthetic.json")
+
+
+COST_KEYS = ("flops", "bytes_accessed", "flops_ratio_to_ce", "bytes_ratio_to_ce", "temp_bytes")
+
+
+def test_compiled_cost_fields(tmp_path):
+  # test_every_registered_method's configuration: the same programs, so the second of the two
+  # to run can take them from the session's compilation cache (tests/conftest.py).
+  records = load_script().main([
+      "--methods=ce,pskd,mrkd", "--model=mlp", "--image_shape=28,28,1", "--num_classes=10",
+      "--num_examples=512", "--batch_size=32", "--dtypes=float32", "--steps=1", "--warmup=1",
+      "--rounds=1", "--num_devices=1", f"--out={tmp_path / 'cost.json'}"])
+  assert [r["method"] for r in records] == ["ce", "pskd", "mrkd"]
+  for record in records:
+    for key in COST_KEYS:
+      assert isinstance(record[key], (int, float)) and record[key] > 0, (record["method"], key)
+  ce, pskd, mrkd = records
+  assert ce["flops_ratio_to_ce"] == 1.0 and ce["bytes_ratio_to_ce"] == 1.0
+  # PS-KD changes only the target, q = (1 - a) onehot(y) + a P[i], and writes softmax(z) back to
+  # its table: a few tens of FLOPs per logit, O(B * C). A CE step costs ~4-6 FLOPs per
+  # parameter per example (forward 2, weight gradient 2, input gradient 2 except in the first
+  # layer): on this MLP (269k parameters, C = 10 logits) ~1.3M per example against ~330 extra,
+  # so the ratio is 1 + ~3e-4 (measured 1.00025). The table read and write are a gather and a
+  # scatter: bytes, no FLOPs. 1% leaves ample room for XLA fusing the loss differently.
+  assert abs(pskd["flops_ratio_to_ce"] - 1.0) < 0.01, pskd["flops_ratio_to_ce"]
+  # MrKD adds an eval-mode forward of its snapshot, 2 FLOPs per parameter and example: ~1.33x
+  # on a deep network, 1.43x here, as the MLP's first layer (75% of the parameters) has no
+  # input gradient, which makes CE's backward cheaper than twice its forward.
+  assert mrkd["flops_ratio_to_ce"] > 1.1, mrkd["flops_ratio_to_ce"]
+  assert mrkd["bytes_ratio_to_ce"] > 1.0
