@@ -25,6 +25,7 @@ system every process sees.
 """
 
 import os
+import re
 import signal
 import sys
 
@@ -81,6 +82,26 @@ def _one_line(text: str) -> str:
   return " ".join(lines)
 
 
+def _lost_peer(error, steps) -> None:
+  """A collective failed under several processes: another process died or was cut off.
+
+  One line and an immediate exit: a normal exit would first wait in JAX's shutdown barrier for
+  the dead process until the heartbeat timeout, then abort with a page of C++ logs.
+  """
+  reason = _one_line(str(error)).split(" [type.googleapis")[0][:200]
+  task = re.search(r"[Tt]ask (\d+)", str(error))
+  who = f"process {task.group(1)}" if task else "another process of the run"
+  kept = f"checkpoint {steps[0]} is intact" if steps else "no checkpoint was written yet"
+  print(f"error: process {jax_process_index()} lost contact with {who} ({reason}); {kept}: "
+        "start the same command on every process again to resume", file=sys.stderr, flush=True)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def jax_process_index() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
+
+
 def parse_flags(argv):
   """absl flag parsing with bad flags or config overrides reported in one line, exit 2."""
   try:
@@ -124,6 +145,8 @@ def main(argv):
   from selfkd_jax.train.config_check import ConfigError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.workdir_lock import WorkdirError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.checkpoint import NoUsableCheckpoint  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR,  # pylint: disable=g-import-not-at-top
+                                              checkpoint_steps)
 
   try:
     config = _CONFIG.value
@@ -141,6 +164,10 @@ def main(argv):
     _fail(str(error), 1)
   except loop.Preempted as error:
     _fail(str(error), error.exit_status)
+  except jax.errors.JaxRuntimeError as error:
+    if jax.process_count() == 1:
+      raise
+    _lost_peer(error, checkpoint_steps(os.path.join(_WORKDIR.value, CHECKPOINT_DIR)))
   if jax.process_index() == 0:
     print(f"{results['method']} / {results['model']} / {results['dataset']}: "
           f"test top1 {results['test_top1']:.4f}  top5 {results['test_top5']:.4f}  "

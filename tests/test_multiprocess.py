@@ -134,6 +134,39 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_then_resumes_exactly
   assert_same_run(workdir, one_process_two_devices)
 
 
+def test_a_killed_process_stops_the_other_at_once_and_a_rerun_resumes_exactly(
+    tmp_path, one_process_two_devices):
+  """Process 1 is killed (process 0 also hosts JAX's coordination service; losing it ends the
+  others through JAX's own fatal error, which no Python code can intercept)."""
+  killed = 1
+  workdir = str(tmp_path / "two")
+  # Checkpoints at epoch ends only, and the kill right after the first is recorded: the
+  # survivor is then training (a collective every step), not inside a save, whose barriers
+  # learn of the loss only from JAX's heartbeat (10 s) and may end in JAX's own abort.
+  processes = start_processes(workdir, 2, 1, "--config.checkpoint_every_steps=16")
+  record = os.path.join(workdir, "checkpoint_checksums", "16.json")
+  deadline = time.time() + 240
+  while not os.path.exists(record):
+    assert time.time() < deadline and all(p.poll() is None for p in processes)
+    time.sleep(0.02)
+  processes[killed].kill()
+  killed_at = time.time()
+  survivor = processes[1 - killed]
+  _, stderr = survivor.communicate(timeout=120)
+  # Its next collective fails and it leaves at once: well before the 10 s heartbeat.
+  assert time.time() - killed_at < 8, stderr[-3000:]
+  processes[killed].communicate()
+  assert survivor.returncode == 1, stderr[-3000:]
+  lines = stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: process {1 - killed} lost contact with "), stderr[-3000:]
+  assert "start the same command on every process again to resume" in lines[0]
+
+  codes, outputs = finish(start_processes(workdir, 2, 1, "--config.checkpoint_every_steps=16"))
+  assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+  assert_same_run(workdir, one_process_two_devices)
+
+
 BAD_LAUNCHES = [
     ({"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234"},
      "JAX_COORDINATOR_ADDRESS given but not --num_processes or JAX_NUM_PROCESSES and "

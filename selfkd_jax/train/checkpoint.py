@@ -183,6 +183,8 @@ class Checkpointer:
         self._manager.wait_until_finished()
       self._record(step)
     except Exception as e:  # pylint: disable=broad-except  (Orbax wraps OS errors in ValueError)
+      if jax.process_count() > 1 and isinstance(e, jax.errors.JaxRuntimeError):
+        raise  # a peer process was lost during the save's barriers, not a disk problem
       older = [s for s in self.steps() if s != step]
       kept = (f"checkpoint {older[0]} is intact" if older else "no earlier checkpoint exists")
       raise CheckpointSaveError(
