@@ -76,7 +76,7 @@ class _Case:
   """One (method, dtype): its compiled train step, its live state and its timed samples."""
 
   def __init__(self, method_name, dtype_name, *, runner, model_name, image_shape, num_classes,
-               num_examples, batch_size, augmentation, seed):
+               num_examples, batch_size, augmentation, seed, method_overrides=None):
     self.method_name, self.dtype_name = method_name, dtype_name
     config = default_config.base_config()
     steps_per_epoch = math.ceil(num_examples / batch_size)
@@ -91,7 +91,7 @@ class _Case:
         **method_factory.model_fields(eval_backbone, image_shape),
         # ReffAKD's cost does not depend on the matrix: time it with a stand-in.
         soft_labels=np.full((num_classes, num_classes), 1.0 / num_classes, np.float32))
-    method_config = default_config.method_config(method_name)
+    method_config = default_config.method_config(method_name, **(method_overrides or {}))
     if method_name == "zipf" and "dense_logits" not in context.output_shapes:
       method_config.dense = False  # e.g. LeNet-5-BN: no per-position logits to vote with
     setup = method_factory.setup_method(method_config, context, backbone, eval_backbone,

@@ -24,6 +24,7 @@ What Orbax does not catch, this adds:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import logging
@@ -99,6 +100,22 @@ def _background_failures_reported_once():
     threading.excepthook, sys.excepthook = hooks
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
+
+
+def _return_freed_memory() -> None:
+  """Hands the host memory a save freed back to the OS (glibc's `malloc_trim`).
+
+  A save copies the state to host buffers and frees them; glibc keeps freed heap pages for
+  reuse, and over save cycles the process's footprint grows (measured at 1.28M x 1000 bf16
+  rows: 10.6 -> 14.9 GB peak over three saves; with the trim it stays flat). No-op where the
+  C library has no `malloc_trim` (macOS, musl).
+  """
+  try:
+    libc = ctypes.CDLL(None)
+    trim = libc.malloc_trim
+  except (OSError, AttributeError):
+    return
+  trim(0)
 
 
 class Checkpointer:
@@ -192,6 +209,7 @@ class Checkpointer:
           "free space (or fix the file system) and run the same command to resume") from None
     if jax.process_index() == 0:
       self._delete_old(step)
+    _return_freed_memory()
 
   def _delete_old(self, newest: int) -> None:
     """Keeps the `keep` newest verified steps (the new one included); deletes older steps."""

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Every benchmark on one GPU, in under 10 minutes, with no network: run from the repository
+# root of a checkout whose Python packages (requirements-cuda.txt, and torch for the
+# side-by-side) are installed.
+#
+#   bash benchmarks/gpu.sh            # results under benchmarks/results/, named by the device
+#
+# 1. step_time.py at CIFAR scale (PreAct ResNet-18, 32x32x3, 100 classes, batch 128), fp32 and
+#    bf16, ten methods spanning every kind of cost: time, XLA FLOPs and bytes, ratios to CE;
+# 2. torch_side_by_side.py --device=cuda: our PS-KD step against the official-style PyTorch
+#    step (skipped, with a line, if torch or its CUDA build is missing);
+# 3. scale.py on the GPU: the ImageNet-size PS-KD table (1,281,167 x 1000), fp32 and bf16;
+# 4. a short PS-KD training with launch.py on synthetic Fashion-MNIST-format data (the real
+#    files when /usr/share/datasets/fashion-mnist exists): end-to-end images/s.
+# Each part has its own time limit, so one slow part cannot take the others' time.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python}
+OUT=benchmarks/results
+SLUG=$($PY -c "import jax, sys; sys.path.insert(0, 'benchmarks'); import step_time; print(step_time.device_slug(jax.devices()[0].device_kind))")
+echo "device: $SLUG"
+mkdir -p "$OUT"
+status=0
+
+part() {  # part <seconds> <name> <command...>
+  local limit=$1 name=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout "$limit" "$@"
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - start)) s"
+  [ $rc -eq 0 ] || status=1
+}
+
+# Nine methods that span the kinds of cost (targets only, extra forwards, heads, rotations).
+part 220 "step time" $PY benchmarks/step_time.py --model=preact_resnet18 --batch_size=128 \
+    --methods=ce,ls,pskd,zipf,ras_kd,kd,cskd,mrkd,byot,lsskd \
+    --dtypes=float32,bfloat16 --steps=10 --rounds=2 --warmup=3 --out="$OUT/$SLUG.json"
+
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  part 100 "pytorch side by side" $PY benchmarks/torch_side_by_side.py --device=cuda \
+      --steps=20 --rounds=2 --warmup=5 --out="$OUT/torch_side_by_side_$SLUG.json"
+else
+  echo "== pytorch side by side: skipped (no torch with CUDA: pip install -r benchmarks/requirements-torch.txt)"
+fi
+
+part 130 "scale" $PY benchmarks/scale.py --steps=20 --saves=2 --out="$OUT/scale_$SLUG.json"
+
+DATA=/usr/share/datasets/fashion-mnist
+WORK=$(mktemp -d)
+if [ ! -e "$DATA/train-images-idx3-ubyte.gz" ]; then
+  DATA="$WORK/data"
+  $PY - "$DATA" <<'EOF'
+import gzip, os, sys
+import numpy as np
+folder = sys.argv[1]; os.makedirs(folder)
+rng = np.random.default_rng(0)
+def write(name, magic, array):
+  with gzip.open(os.path.join(folder, name), "wb") as f:
+    f.write(magic.to_bytes(4, "big") + b"".join(n.to_bytes(4, "big") for n in array.shape))
+    f.write(array.tobytes())
+for prefix, n in (("train", 60000), ("t10k", 10000)):
+  write(f"{prefix}-images-idx3-ubyte.gz", 2051, rng.integers(0, 256, (n, 28, 28), np.uint8))
+  write(f"{prefix}-labels-idx1-ubyte.gz", 2049, rng.integers(0, 10, n).astype(np.uint8))
+EOF
+  echo "(training on synthetic Fashion-MNIST-format data: the accuracy means nothing)"
+fi
+part 100 "pskd training" $PY launch.py --config=configs/fashion_mnist/pskd.py \
+    --config.data.dir="$DATA" --config.num_epochs=3 --config.progress_bar=False \
+    --workdir="$WORK/run"
+cp "$WORK/run/results.json" "$OUT/fashion_mnist_pskd_train_$SLUG.json" 2>/dev/null || true
+rm -rf "$WORK"
+exit $status
