@@ -183,41 +183,6 @@ class PmapRunner(ShardMapRunner):
 
   name = "pmap"
 
-  def table_rows_adapter(self, abstract_state):
-    """A `Checkpointer.restore` adapter for checkpoints written on another device count.
-
-    Tables are padded to a multiple of the device count, so a checkpoint from another count
-    can hold more or fewer rows than this run's tables. Those leaves are restored replicated
-    (a transient whole table per device), cut or zero-padded to this run's row count (the rows
-    past the dataset are padding, never read) and sharded by rows again. Every other leaf, and
-    every table whose row count matches, restores as usual.
-    """
-    named = _leaf_names(abstract_state)
-    replicated = NamedSharding(self.mesh, PartitionSpec())
-
-    def adapt(saved_shapes):
-      def is_moved(name, leaf):
-        saved = saved_shapes.get(name)
-        return (saved is not None and saved != leaf.shape and len(saved) == len(leaf.shape)
-                and saved[1:] == leaf.shape[1:]
-                and leaf.sharding.spec == PartitionSpec(AXIS))
-
-      moved = {name for name, leaf in named.items() if is_moved(name, leaf)}
-      if not moved:
-        return abstract_state, None
-      target = _map_named(
-          lambda name, leaf: (jax.ShapeDtypeStruct(saved_shapes[name], leaf.dtype,
-                                                   sharding=replicated)
-                              if name in moved else leaf), abstract_state)
-
-      def convert(state):
-        return _map_named(lambda name, x: (_fit_rows(x, named[name]) if name in moved else x),
-                          state)
-
-      return target, convert
-
-    return adapt
-
   def compile_train(self, body, abstract_state):
     del abstract_state
     return jax.pmap(body, axis_name=AXIS, devices=self.devices, donate_argnums=0)
