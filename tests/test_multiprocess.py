@@ -249,3 +249,19 @@ def test_a_bad_launch_environment_is_one_line_before_anything_is_written(tmp_pat
       "--process_id or JAX_PROCESS_ID: a multi-process launch needs the coordinator address, "
       "the process count and this process's id"], result.stderr
   assert not workdir.exists()
+
+
+def test_a_busy_workdir_refuses_every_process_of_a_multi_process_run(tmp_path):
+  """The lock is the run's: process 0 takes it and tells the others, so all stop together."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with open(workdir / ".lock", "w") as holder:
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run holds the workdir
+    codes, outputs = finish(start_processes(str(workdir), 2, 1), timeout=120)
+  assert codes == [2, 2], [err[-2000:] for _, err in outputs]
+  for (_, stderr), who in zip(outputs, ("", " (seen by process 0)")):
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"workdir {workdir} is in use by another run" in lines[0], stderr
+    assert who in lines[0], stderr
+  assert sorted(os.listdir(workdir)) == [".lock"]  # nothing written
