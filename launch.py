@@ -144,7 +144,8 @@ def main(argv):
   from selfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.config_check import ConfigError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.workdir_lock import WorkdirError  # pylint: disable=g-import-not-at-top
-  from selfkd_jax.train.checkpoint import NoUsableCheckpoint  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train.checkpoint import (  # pylint: disable=g-import-not-at-top
+      CheckpointSaveError, NoUsableCheckpoint)
   from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR,  # pylint: disable=g-import-not-at-top
                                               checkpoint_steps)
 
@@ -160,6 +161,10 @@ def main(argv):
     results = loop.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as error:
     _fail(str(error), 2)
+  except CheckpointSaveError as error:
+    # Orbax's threads are still failing: leave now rather than through interpreter shutdown.
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access  (the earlier checkpoints are complete)
   except (DataError, loop.NonFiniteLossError, WorkdirError, NoUsableCheckpoint) as error:
     _fail(str(error), 1)
   except loop.Preempted as error:

@@ -80,26 +80,27 @@ def _first_line(error: Exception, limit: int = 300) -> str:
 
 @contextlib.contextmanager
 def _background_failures_reported_once():
-  """Silences Orbax's worker threads while a save runs.
+  """Silences Orbax's worker threads while a save runs, and after it if it fails.
 
   A failed write (a full disk) makes each of Orbax's writer threads log its own traceback, and
-  asyncio and `threading` add more as the loops shut down: a hundred lines for one cause. The
+  asyncio and `threading` add more as their loops shut down: a hundred lines for one cause. The
   same failure reaches the caller as the save's exception, which `save` turns into one line, so
-  the threads' copies are dropped. Only for the save's duration; nothing else is hidden.
+  the threads' copies are dropped. A save that succeeds restores everything on return. One that
+  fails leaves the silence in place, because the threads go on failing for a while after the
+  exception (seen in CI, interleaved with the error line): the process is expected to stop.
   """
   loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
   levels = [logger.level for logger in loggers]
-  hooks = threading.excepthook, sys.excepthook
-  try:
-    for logger in loggers:
-      logger.setLevel(logging.CRITICAL)
-    # TensorStore's callbacks into closed loops print through sys.excepthook.
-    threading.excepthook, sys.excepthook = (lambda args: None), (lambda *args: None)
-    yield
-  finally:
-    threading.excepthook, sys.excepthook = hooks
-    for logger, level in zip(loggers, levels):
-      logger.setLevel(level)
+  hooks = threading.excepthook, sys.excepthook, sys.unraisablehook
+  for logger in loggers:
+    logger.setLevel(logging.CRITICAL)
+  # TensorStore's callbacks into closed loops print through sys.excepthook; coroutines that
+  # never ran to the end, through sys.unraisablehook.
+  threading.excepthook = sys.excepthook = sys.unraisablehook = lambda *args: None
+  yield  # an exception here leaves the silence on (see above)
+  threading.excepthook, sys.excepthook, sys.unraisablehook = hooks
+  for logger, level in zip(loggers, levels):
+    logger.setLevel(level)
 
 
 def _return_freed_memory() -> None:
