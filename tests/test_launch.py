@@ -362,15 +362,16 @@ def test_a_failed_save_is_one_line_and_the_rerun_ends_as_if_nothing_happened(tmp
   """A full disk, simulated by a file-size limit (the same write error from TensorStore, EFBIG
   instead of ENOSPC): the first save fails, the run stops with one line, nothing is trusted
   from the half-written step, and the same command later finishes exactly like a clean run."""
-  import resource
-
-  def small_files():  # Python ignores SIGXFSZ, so a write past the limit fails with EFBIG
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
-
   workdir = str(tmp_path / "run")
-  full = subprocess.run([sys.executable, "launch.py", f"--workdir={workdir}", *RUN_FLAGS],
-                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
-                        preexec_fn=small_files)
+  # The limit is set in the child before it execs launch.py (a preexec_fn would run Python in
+  # a fork of this multithreaded test process). Python ignores SIGXFSZ, so a write past the
+  # limit fails with EFBIG.
+  limited = ("import os, resource, sys; "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+  full = subprocess.run([sys.executable, "-c", limited, "launch.py", f"--workdir={workdir}",
+                         *RUN_FLAGS], cwd=REPO, env=_env(), capture_output=True, text=True,
+                        timeout=300)
   assert full.returncode == 1, full.stderr
   assert "Traceback" not in full.stderr, full.stderr[-3000:]
   assert full.stderr.strip().splitlines() == [
