@@ -17,7 +17,7 @@ pod slice add `--distributed` (JAX finds its peers); elsewhere give process 0's 
 process count and each process's id, as flags or as JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID:
 
-    python launch.py --config=... --workdir=/shared/run --coordinator_address=10.0.0.1:1234 \
+    python launch.py --config=... --workdir=/nfs/runs/x --coordinator_address=10.0.0.1:1234 \
         --num_processes=2 --process_id=0        # and --process_id=1 on the other process
 
 A partial or inconsistent set is refused in one line (exit 2). The workdir must be on a file
