@@ -82,7 +82,7 @@ def _one_line(text: str) -> str:
   return " ".join(lines)
 
 
-def _lost_peer(error, steps) -> None:
+def _lost_peer(error, steps, process_index: int) -> None:
   """A collective failed under several processes: another process died or was cut off.
 
   One line and an immediate exit: a normal exit would first wait in JAX's shutdown barrier for
@@ -92,14 +92,9 @@ def _lost_peer(error, steps) -> None:
   task = re.search(r"[Tt]ask (\d+)", str(error))
   who = f"process {task.group(1)}" if task else "another process of the run"
   kept = f"checkpoint {steps[0]} is intact" if steps else "no checkpoint was written yet"
-  print(f"error: process {jax_process_index()} lost contact with {who} ({reason}); {kept}: "
+  print(f"error: process {process_index} lost contact with {who} ({reason}); {kept}: "
         "start the same command on every process again to resume", file=sys.stderr, flush=True)
   os._exit(1)  # pylint: disable=protected-access
-
-
-def jax_process_index() -> int:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index()
 
 
 def parse_flags(argv):
@@ -172,7 +167,8 @@ def main(argv):
   except jax.errors.JaxRuntimeError as error:
     if jax.process_count() == 1:
       raise
-    _lost_peer(error, checkpoint_steps(os.path.join(_WORKDIR.value, CHECKPOINT_DIR)))
+    _lost_peer(error, checkpoint_steps(os.path.join(_WORKDIR.value, CHECKPOINT_DIR)),
+               jax.process_index())
   if jax.process_index() == 0:
     print(f"{results['method']} / {results['model']} / {results['dataset']}: "
           f"test top1 {results['test_top1']:.4f}  top5 {results['test_top5']:.4f}  "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import resource
@@ -70,13 +69,13 @@ def _directory_bytes(path: str) -> int:
 def measure(*, num_examples: int, dtype: str, num_classes: int, batch_size: int, steps: int,
             saves: int, runner, workdir: str) -> dict:
   """One (N, dtype) case: compile, time `steps` steps, then `saves` save cycles, a restore."""
-  # The benchmark harness of step_time.py builds the step exactly as the trainer does.
-  case = step_time._Case(  # pylint: disable=protected-access
+  # step_time.py's harness builds the step exactly as the trainer does.
+  case = step_time.StepCase(
       "pskd", "float32", runner=runner, model_name="mlp", image_shape=IMAGE_SHAPE,
       num_classes=num_classes, num_examples=num_examples, batch_size=batch_size,
       augmentation=Augmentation(crop_padding=0, flip=False, mean=(0.5,) * 3, std=(0.25,) * 3),
       seed=0, method_overrides={"storage_dtype": dtype})
-  batches = step_time._synthetic_batches(  # pylint: disable=protected-access
+  batches = step_time.synthetic_batches(
       runner, num_batches=steps, batch_size=batch_size, image_shape=IMAGE_SHAPE,
       num_classes=num_classes, num_examples=num_examples, seed=1)
   case.compile(batches[0])
@@ -174,11 +173,9 @@ def main(argv=None) -> list[dict]:
             "num_devices": len(devices), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "date": datetime.date.today().isoformat(), "records": records}
-  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+  out = args.out or os.path.join(step_time.RESULTS_DIR,
                                  f"scale_{step_time.device_slug(kind)}.json")
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+  step_time.write_results(result, out)
   print(markdown_table(records))
   print(f"results: {out}")
   return records

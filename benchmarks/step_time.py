@@ -72,13 +72,20 @@ def device_slug(device_kind: str) -> str:
   return device_kind.strip().lower().replace(" ", "-")
 
 
-class _Case:
-  """One (method, dtype): its compiled train step, its live state and its timed samples."""
+class StepCase:
+  """One (method, dtype): its compiled train step, its live state and its timed samples.
+
+  Built from the trainer's own pieces; `scale.py` and `torch_side_by_side.py` time their JAX
+  side with it too. `recipe`: the config whose optimizer and epoch count are used (default:
+  `default_config.base_config()`); `method_overrides`: values of `config.method`.
+  """
 
   def __init__(self, method_name, dtype_name, *, runner, model_name, image_shape, num_classes,
-               num_examples, batch_size, augmentation, seed, method_overrides=None):
+               num_examples, batch_size, augmentation, seed, method_overrides=None,
+               recipe=None):
     self.method_name, self.dtype_name = method_name, dtype_name
-    config = default_config.base_config()
+    self.runner = runner
+    config = recipe if recipe is not None else default_config.base_config()
     steps_per_epoch = math.ceil(num_examples / batch_size)
     backbone = models.get_model(model_name, num_classes=num_classes,
                                 dtype=models.COMPUTE_DTYPES[dtype_name],
@@ -117,6 +124,7 @@ class _Case:
       self.state = self.state.replace(method_state=self.state.method_state._replace(
           num_filled=jax.device_put(np.ones((), np.int32), filled.sharding)))
     self.state_bytes_per_device = table_bytes(self.state.method_state, runner.num_devices)
+    self.num_parameters = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
     body = make_train_step(model=model, tx=tx, method=method, steps_per_epoch=steps_per_epoch,
                            augmentation=augmentation, schedule=schedule,
                            model_inputs=setup.model_inputs,
@@ -158,7 +166,12 @@ class _Case:
 
   def percentiles_ms(self) -> tuple[float, float, float]:
     """p10, median and p90 of the recorded step times."""
-    return tuple(float(x) for x in np.percentile(self.samples_ms, [10, 50, 90]))
+    return percentiles_ms(self.samples_ms)
+
+
+def percentiles_ms(samples_ms) -> tuple[float, float, float]:
+  """p10, median and p90 of `samples_ms`."""
+  return tuple(float(x) for x in np.percentile(samples_ms, [10, 50, 90]))
 
 
 def compiled_cost(compiled) -> tuple[float | None, float | None]:
@@ -192,9 +205,9 @@ def _ratio(value, reference):
   return value / reference
 
 
-def _synthetic_batches(runner, *, num_batches, batch_size, image_shape, num_classes,
-                       num_examples, seed, partners=False):
-  """Device-resident batches: random uint8 images and labels, indices from one permutation.
+def synthetic_host_batches(*, num_batches, batch_size, image_shape, num_classes, num_examples,
+                           seed, partners=False) -> list[dict[str, np.ndarray]]:
+  """Host batches: random uint8 images and labels, indices from one permutation.
 
   With `partners` (CS-KD), each batch also carries a partner per example, as the pipeline's
   `TrainBatches(partners=True)` does: another random image with the same label.
@@ -213,8 +226,21 @@ def _synthetic_batches(runner, *, num_batches, batch_size, image_shape, num_clas
       host.update(partner_image=rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8),
                   partner_label=host["label"],
                   partner_index=np.roll(permutation, 1)[start:start + batch_size])
-    batches.append(runner.put_batch(host))
+    batches.append(host)
   return batches
+
+
+def synthetic_batches(runner, **kwargs):
+  """`synthetic_host_batches(**kwargs)`, resident on the runner's devices."""
+  return [runner.put_batch(host) for host in synthetic_host_batches(**kwargs)]
+
+
+def write_results(records, out: str) -> None:
+  """Writes `records` as indented JSON to `out` (creating its folder)."""
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(records, f, indent=1)
+    f.write("\n")
 
 
 def _peak_memory_bytes(device) -> int | None:
@@ -259,18 +285,18 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
   batch_kwargs = dict(num_batches=max(steps, warmup, 1), batch_size=batch_size,
                       image_shape=image_shape, num_classes=num_classes,
                       num_examples=num_examples, seed=seed)
-  plain_batches = _synthetic_batches(runner, **batch_kwargs)
+  plain_batches = synthetic_batches(runner, **batch_kwargs)
   paired_batches = None  # made on first use (CS-KD)
 
   cases = []
   for dtype in dtypes:
     for method in methods:
       log(f"building {method} / {dtype}")
-      case = _Case(method, dtype, runner=runner, model_name=model, image_shape=image_shape,
+      case = StepCase(method, dtype, runner=runner, model_name=model, image_shape=image_shape,
                    num_classes=num_classes, num_examples=num_examples, batch_size=batch_size,
                    augmentation=augmentation, seed=seed)
       if case.needs_partners and paired_batches is None:
-        paired_batches = _synthetic_batches(runner, partners=True, **batch_kwargs)
+        paired_batches = synthetic_batches(runner, partners=True, **batch_kwargs)
       case.batches = paired_batches if case.needs_partners else plain_batches
       case.compile(case.batches[0])
       case.run(case.batches[:warmup], record=False)
@@ -369,10 +395,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                           warmup=args.warmup, rounds=args.rounds, num_devices=args.num_devices,
                           crop_padding=args.crop_padding, flip=bool(args.flip))
   out = args.out or os.path.join(RESULTS_DIR, device_slug(records[0]["device"]) + ".json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(records, f, indent=1)
-    f.write("\n")
+  write_results(records, out)
   print(markdown_table(records))
   print(f"\nwrote {out}")
   return records

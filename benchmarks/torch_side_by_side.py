@@ -57,8 +57,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import os
 import platform
 import sys
@@ -74,13 +72,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfkd_jax import models
-from selfkd_jax.train import default_config, method_factory, optim, parallel
-from selfkd_jax.train.state import initial_state_fn
-from selfkd_jax.train.step import Augmentation, make_train_step
+from selfkd_jax.train import default_config, parallel
+from selfkd_jax.train.step import Augmentation
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_time.py, beside this file
+import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
+from step_time import RESULTS_DIR, synthetic_host_batches  # pylint: disable=g-import-not-at-top
+
 MODEL = "preact_resnet18"
+IMAGE_SHAPE = (32, 32, 3)
 # The official CIFAR-100 Normalize constants (loader/custom_dataloader.py).
 CIFAR100_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR100_STD = (0.2023, 0.1994, 0.2010)
@@ -204,79 +204,22 @@ class TorchPSKD:
 # selfkd_jax side
 # ----------------------------------------------------------------------------------------------
 
-class JaxPSKD:
-  """Our PS-KD train step on one device, built like `step_time.py`'s cases."""
-
-  def __init__(self, *, device, num_examples: int, num_classes: int, batch_size: int,
-               image_shape=(32, 32, 3), seed: int = 0):
-    self.runner = parallel.make_runner("shard_map", [device])
-    config = default_config.cifar100_pskd_recipe()
-    steps_per_epoch = math.ceil(num_examples / batch_size)
-    backbone = models.get_model(MODEL, num_classes=num_classes,
-                                dtype=models.COMPUTE_DTYPES["float32"],
-                                bn_axis_name=parallel.AXIS)
-    eval_backbone = backbone.clone(bn_axis_name=None)
-    tx, schedule = optim.make_optimizer(config.optimizer, steps_per_epoch, config.num_epochs)
-    context = method_factory.MethodContext(
-        num_examples=num_examples, num_classes=num_classes, num_epochs=config.num_epochs,
-        steps_per_epoch=steps_per_epoch,
-        **method_factory.model_fields(eval_backbone, image_shape))
-    setup = method_factory.setup_method(default_config.method_config("pskd"), context, backbone,
-                                        eval_backbone, bn_axis_name=parallel.AXIS)
-    init = initial_state_fn(model=setup.eval_model, method=setup.method, tx=tx,
-                            image_shape=image_shape, seed=seed, num_devices=1)
-    self.state = self.runner.init_state(init)
-    self.num_parameters = int(sum(x.size for x in jax.tree.leaves(self.state.params)))
-    augmentation = Augmentation(crop_padding=config.data.crop_padding,
-                                flip=bool(config.data.flip), mean=CIFAR100_MEAN,
-                                std=CIFAR100_STD)
-    body = make_train_step(model=setup.model, tx=tx, method=setup.method,
-                           steps_per_epoch=steps_per_epoch, augmentation=augmentation,
-                           schedule=schedule, model_inputs=setup.model_inputs,
-                           axis_name=parallel.AXIS)
-    self.train_step = self.runner.compile_train(body, self.state)
-    self.samples_ms: list[float] = []
-    self.compile_s = None
-
-  def compile(self, batch) -> None:
-    start = time.perf_counter()
-    self.train_step = self.train_step.lower(self.state, batch, {}).compile()
-    self.compile_s = time.perf_counter() - start
-
-  def put(self, host_batch: dict) -> dict:
-    return self.runner.put_batch(host_batch)
-
-  def run(self, batches, record: bool) -> None:
-    for batch in batches:
-      start = time.perf_counter()
-      self.state, metrics = self.train_step(self.state, batch, {})
-      jax.block_until_ready((self.state, metrics))
-      if record:
-        self.samples_ms.append((time.perf_counter() - start) * 1e3)
-
-  def table(self) -> np.ndarray:
-    return np.asarray(jax.device_get(self.state.method_state.past_predictions))
+def jax_pskd(*, device, num_examples: int, num_classes: int, batch_size: int,
+             seed: int = 0) -> step_time.StepCase:
+  """Our PS-KD train step on one device: `step_time.py`'s harness with PS-KD's CIFAR-100 recipe
+  (its optimizer and schedule) and the official CIFAR-100 normalisation."""
+  recipe = default_config.cifar100_pskd_recipe()
+  augmentation = Augmentation(crop_padding=recipe.data.crop_padding, flip=bool(recipe.data.flip),
+                              mean=CIFAR100_MEAN, std=CIFAR100_STD)
+  return step_time.StepCase(
+      "pskd", "float32", runner=parallel.make_runner("shard_map", [device]), model_name=MODEL,
+      image_shape=IMAGE_SHAPE, num_classes=num_classes, num_examples=num_examples,
+      batch_size=batch_size, augmentation=augmentation, seed=seed, recipe=recipe)
 
 
 # ----------------------------------------------------------------------------------------------
 # Shared data, timing and records
 # ----------------------------------------------------------------------------------------------
-
-def host_batches(*, num_batches: int, batch_size: int, num_classes: int, num_examples: int,
-                 image_shape=(32, 32, 3), seed: int = 0) -> list[dict[str, np.ndarray]]:
-  """Random uint8 images, random labels, indices = consecutive slices of one permutation."""
-  rng = np.random.default_rng(seed)
-  permutation = rng.permutation(num_examples).astype(np.int32)
-  batches = []
-  for i in range(num_batches):
-    start = (i * batch_size) % (num_examples - batch_size + 1)
-    batches.append({
-        "image": rng.integers(0, 256, (batch_size, *image_shape), dtype=np.uint8),
-        "label": rng.integers(0, num_classes, (batch_size,), dtype=np.int32),
-        "index": permutation[start:start + batch_size],
-    })
-  return batches
-
 
 def torch_batch(host: dict[str, np.ndarray], pin: bool):
   """What the official DataLoader yields: normalised float32 NCHW images, int64 labels/indices."""
@@ -323,10 +266,6 @@ def _load_average() -> float | None:
     return None
 
 
-def _percentiles(samples_ms) -> tuple[float, float, float]:
-  return tuple(float(x) for x in np.percentile(samples_ms, [10, 50, 90]))
-
-
 def run_benchmark(*, device: str = "cpu", steps: int = 20, warmup: int = 3, rounds: int = 3,
                   batch_size: int = 128, num_examples: int = 50_000, num_classes: int = 100,
                   seed: int = 0, log=None) -> list[dict[str, Any]]:
@@ -348,13 +287,14 @@ def run_benchmark(*, device: str = "cpu", steps: int = 20, warmup: int = 3, roun
   if device == "cuda":
     torch.backends.cudnn.benchmark = True
 
-  hosts = host_batches(num_batches=max(steps, warmup, 1), batch_size=batch_size,
-                       num_classes=num_classes, num_examples=num_examples, seed=seed)
+  hosts = synthetic_host_batches(num_batches=max(steps, warmup, 1), batch_size=batch_size,
+                                 image_shape=IMAGE_SHAPE, num_classes=num_classes,
+                                 num_examples=num_examples, seed=seed)
   dev = jax_device(device)
   log(f"building selfkd_jax pskd on {dev.device_kind}")
-  ours = JaxPSKD(device=dev, num_examples=num_examples, num_classes=num_classes,
-                 batch_size=batch_size, seed=seed)
-  jax_batches = [ours.put(h) for h in hosts]
+  ours = jax_pskd(device=dev, num_examples=num_examples, num_classes=num_classes,
+                  batch_size=batch_size, seed=seed)
+  jax_batches = [ours.runner.put_batch(h) for h in hosts]
   ours.compile(jax_batches[0])
   log(f"compiled in {ours.compile_s:.1f} s; warm-up")
   ours.run(jax_batches[:warmup], record=False)
@@ -376,7 +316,7 @@ def run_benchmark(*, device: str = "cpu", steps: int = 20, warmup: int = 3, roun
     hardware = cpu_name()
   common = {
       "method": "pskd", "model": MODEL, "batch_size": batch_size, "num_examples": num_examples,
-      "num_classes": num_classes, "image_shape": [32, 32, 3], "dtype": "float32",
+      "num_classes": num_classes, "image_shape": list(IMAGE_SHAPE), "dtype": "float32",
       "device": device, "hardware": hardware, "cpu": cpu_name(),
       "jax_device_kind": dev.device_kind, "schedulable_cores": cores,
       "torch_num_threads": torch.get_num_threads(), "threads": threads_note,
@@ -399,7 +339,7 @@ def run_benchmark(*, device: str = "cpu", steps: int = 20, warmup: int = 3, roun
           "timed": "batch to device + host one-hot/gather/soft targets + forward + loss + "
                    "official .item() metrics + backward + SGD + host scatter; augmentation "
                    "is the DataLoader workers' (not timed)"})):
-    p10, median, p90 = _percentiles(case.samples_ms)
+    p10, median, p90 = step_time.percentiles_ms(case.samples_ms)
     records.append({"side": side, **common, **extra,
                     "step_time_ms": median, "step_time_ms_p10": p10, "step_time_ms_p90": p90,
                     "images_per_s": batch_size / (median / 1e3),
@@ -450,10 +390,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                           num_examples=args.num_examples, num_classes=args.num_classes,
                           seed=args.seed)
   out = args.out or os.path.join(RESULTS_DIR, f"torch_side_by_side_{args.device}.json")
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(records, f, indent=1)
-    f.write("\n")
+  step_time.write_results(records, out)
   print(markdown_table(records))
   print(f"\nwrote {out}")
   return records

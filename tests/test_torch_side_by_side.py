@@ -24,8 +24,9 @@ def _load():
 def test_torch_step_gathers_and_scatters_its_own_softmax():
   bench = _load()
   num_examples, num_classes = 32, 100
-  host = bench.host_batches(num_batches=1, batch_size=8, num_classes=num_classes,
-                            num_examples=num_examples, seed=3)[0]
+  host = bench.synthetic_host_batches(num_batches=1, batch_size=8, image_shape=bench.IMAGE_SHAPE,
+                                      num_classes=num_classes, num_examples=num_examples,
+                                      seed=3)[0]
   images, labels, indices = bench.torch_batch(host, pin=False)
   side = bench.TorchPSKD(device="cpu", num_examples=num_examples, num_classes=num_classes,
                          alpha=0.5)

@@ -67,7 +67,7 @@ def step_checksums(step_dir: str) -> dict[str, list]:
   return files
 
 
-def _first_line(error: Exception, limit: int = 300) -> str:
+def error_summary(error: Exception, limit: int = 300) -> str:
   """The reason for `error` in one line: the OS error when TensorStore names one (its messages
   run to hundreds of characters of paths), else the first line of the message, cut short."""
   text = str(error)
@@ -206,7 +206,7 @@ class Checkpointer:
       older = [s for s in self.steps() if s != step]
       kept = (f"checkpoint {older[0]} is intact" if older else "no earlier checkpoint exists")
       raise CheckpointSaveError(
-          f"cannot save checkpoint {step} in {self.directory} ({_first_line(e)}); {kept}: "
+          f"cannot save checkpoint {step} in {self.directory} ({error_summary(e)}); {kept}: "
           "free space (or fix the file system) and run the same command to resume") from None
     if jax.process_index() == 0:
       self._delete_old(step)
@@ -260,7 +260,7 @@ class Checkpointer:
             state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
             state = convert(state) if convert is not None else state
         except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)
-          problem = f"restore failed: {_first_line(e, 200)}"
+          problem = f"restore failed: {error_summary(e, 200)}"
           if unrecorded:
             problem = f"no checksum record and {problem}"
         else:

@@ -25,7 +25,7 @@ from selfkd_jax import models
 from selfkd_jax.methods import table_bytes
 from selfkd_jax.metrics import calibration_bins, classification_metrics
 from selfkd_jax.train import config_check, optim, parallel, run_log, teacher as teacher_lib
-from selfkd_jax.train.checkpoint import Checkpointer
+from selfkd_jax.train.checkpoint import Checkpointer, error_summary
 from selfkd_jax.train.method_factory import (MethodContext, model_fields, needs_network_teacher,
                                              needs_partners, setup_method)
 from selfkd_jax.train.state import initial_state_fn
@@ -156,11 +156,10 @@ class Experiment:
     try:
       return model_fields(eval_backbone, self.info.image_shape)
     except Exception as e:  # pylint: disable=broad-except  (shape errors come in many types)
-      reason = (str(e).strip().splitlines() or [""])[0][:200]
       shape = "x".join(map(str, self.info.image_shape))
       raise config_check.ConfigError(
           f"config.model.name={self.config.model.name!r} cannot take the {shape} images of "
-          f"{self.config.data.name!r} ({type(e).__name__}: {reason}); use a model made for "
+          f"{self.config.data.name!r} ({error_summary(e, 200)}); use a model made for "
           "images of this size") from None
 
   # -- state ---------------------------------------------------------------------------------
