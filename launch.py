@@ -82,15 +82,24 @@ def _one_line(text: str) -> str:
   return " ".join(lines)
 
 
-def _lost_peer(error, steps, process_index: int) -> None:
+def _lost_peer(error, steps, process_index: int, process_count: int) -> None:
   """A collective failed under several processes: another process died or was cut off.
 
   One line and an immediate exit: a normal exit would first wait in JAX's shutdown barrier for
-  the dead process until the heartbeat timeout, then abort with a page of C++ logs.
+  the dead process until the heartbeat timeout, then abort with a page of C++ logs. The lost
+  process is named when JAX's error says (`Task N`) or when there is only one peer. Gloo's
+  error names only an address; with more processes JAX's coordination service names the
+  silent ones itself, in the fatal log it ends every process with once the heartbeat expires
+  (asking it sooner cannot work: it answers only at that moment, as it terminates the asker).
   """
   reason = _one_line(str(error)).split(" [type.googleapis")[0][:200]
   task = re.search(r"[Tt]ask (\d+)", str(error))
-  who = f"process {task.group(1)}" if task else "another process of the run"
+  if task:
+    who = f"process {task.group(1)}"
+  elif process_count == 2:
+    who = f"process {1 - process_index}"
+  else:
+    who = "another process of the run"
   kept = f"checkpoint {steps[0]} is intact" if steps else "no checkpoint was written yet"
   print(f"error: process {process_index} lost contact with {who} ({reason}); {kept}: "
         "start the same command on every process again to resume", file=sys.stderr, flush=True)
@@ -168,7 +177,7 @@ def main(argv):
     if jax.process_count() == 1:
       raise
     _lost_peer(error, checkpoint_steps(os.path.join(_WORKDIR.value, CHECKPOINT_DIR)),
-               jax.process_index())
+               jax.process_index(), jax.process_count())
   if jax.process_index() == 0:
     print(f"{results['method']} / {results['model']} / {results['dataset']}: "
           f"test top1 {results['test_top1']:.4f}  top5 {results['test_top5']:.4f}  "

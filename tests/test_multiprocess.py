@@ -178,7 +178,7 @@ def test_a_killed_process_stops_the_other_at_once_and_a_rerun_resumes_exactly(
   assert survivor.returncode == 1, stderr[-3000:]
   lines = stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(
-      f"error: process {1 - killed} lost contact with "), stderr[-3000:]
+      f"error: process {1 - killed} lost contact with process {killed} "), stderr[-3000:]
   assert "start the same command on every process again to resume" in lines[0]
 
   codes, outputs = finish(start_processes(workdir, 2, 1, "--config.checkpoint_every_steps=16"))
