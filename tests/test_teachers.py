@@ -152,3 +152,77 @@ def test_step_runs_the_teacher_in_eval_mode_on_the_students_augmented_batch():
                                       mutable=["batch_stats"])[0]["logits"]
   wrong = losses.distillation_kl(student["logits"], teacher_train, 2.0).mean()
   assert abs(float(wrong) - float(expected)) > 1e-3  # the test can tell the modes apart
+
+
+def test_best_epoch_teacher_distils_the_variables_of_its_best_test_epoch(tmp_path, monkeypatch):
+  """Tf-KD's self-teacher is its best test epoch (`best.pth.tar`), not its last: a teacher run
+  with `keep_best_checkpoint` keeps that epoch's variables and a student asks for them."""
+  # Test accuracy per epoch, forced so that the best is epoch 2 of 3 (not the last), with a tie
+  # at epoch 3 that must not displace it (the first best epoch counts, as results.json says).
+  forced_top1 = iter([0.5, 0.7, 0.7])
+  real_evaluate = loop.Experiment.evaluate
+  monkeypatch.setattr(loop.Experiment, "evaluate",
+                      lambda self, state: {**real_evaluate(self, state), "top1": next(forced_top1)})
+  teacher_dir = tmp_path / "teacher"
+  config = student_config(teacher_dir, num_devices=1)
+  config.teacher = teacher_config("configs/fashion_mnist/ce.py", workdir=str(teacher_dir),
+                                  checkpoint="best")
+  config.teacher.config = tiny("ce")
+  config.teacher.config.update({"num_epochs": 3, "keep_checkpoints": 3,
+                                "keep_best_checkpoint": True})
+  teacher_results = loop.train_and_evaluate(config.teacher.config, str(teacher_dir))
+  assert teacher_results["best_epoch"] == 2 and teacher_results["epochs"] == 3
+  best_variables, best_step = teacher_lib.load_variables(str(teacher_dir), "best")
+  assert best_step == 16
+  assert os.listdir(teacher_dir / "best_checkpoint") == ["16"]
+  last = ocp_restore_step(teacher_dir, 24)
+  assert not np.array_equal(jax.tree.leaves(last["params"])[0],
+                            jax.tree.leaves(best_variables["params"])[0])
+  regular = ocp_restore_step(teacher_dir, 16)
+  for a, b in zip(jax.tree.leaves(best_variables),
+                  jax.tree.leaves({"params": regular["params"],
+                                   "batch_stats": regular["batch_stats"]})):
+    np.testing.assert_array_equal(a, b)
+
+  monkeypatch.setattr(loop.Experiment, "evaluate", real_evaluate)
+  loop.train_and_evaluate(config, str(tmp_path / "student"))
+  with open(tmp_path / "student" / "teacher.json") as f:
+    record = json.load(f)
+  assert record["checkpoint"] == "best" and record["step"] == 16
+  assert record["sha256"] == teacher_lib.variables_sha256(best_variables)
+
+
+def ocp_restore_step(workdir, step):
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
+                                                         "default"))
+
+
+def test_best_teacher_needs_a_run_that_keeps_its_best_epoch(tmp_path):
+  config = student_config(tmp_path / "t")
+  config.teacher.checkpoint = "best"
+  with pytest.raises(ConfigError, match="needs config.teacher.config.keep_best_checkpoint=True"):
+    loop.train_and_evaluate(config, str(tmp_path / "a"))
+  config.teacher.checkpoint = "first"
+  with pytest.raises(ConfigError, match="config.teacher.checkpoint='first'.*allowed: last, best"):
+    loop.train_and_evaluate(config, str(tmp_path / "b"))
+  # A finished teacher run that did not keep it: one line saying how to get one.
+  loop.train_and_evaluate(tiny("ce"), str(tmp_path / "plain"))
+  with pytest.raises(ConfigError, match="trained without config.keep_best_checkpoint"):
+    teacher_lib.load_variables(str(tmp_path / "plain"), "best")
+
+
+def test_workdirs_written_before_best_checkpoints_existed_still_resume():
+  from selfkd_jax.train import config_check  # pylint: disable=g-import-not-at-top
+  student = student_config("t")
+  new = json.loads(student.to_json())
+  old = json.loads(student.to_json())
+  del old["keep_best_checkpoint"], old["teacher"]["checkpoint"]
+  del old["teacher"]["config"]["keep_best_checkpoint"]
+  assert config_check.comparable(old) == config_check.comparable(new)
+  # The keys still decide when they are not at the value the old runs had.
+  new["teacher"]["checkpoint"] = "best"
+  new["teacher"]["config"]["keep_best_checkpoint"] = True
+  changed = config_check.comparable(new)
+  assert changed["teacher"]["checkpoint"] == "best"
+  assert changed["teacher"]["config"]["keep_best_checkpoint"] is True

@@ -14,11 +14,12 @@ from typing import Any, Sequence
 
 from selfkd_jax.report import validate
 from selfkd_jax.report.validate import is_number
-from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, EVAL_HISTORY_FILE,
-                                            METRICS_FILE, RESULTS_FILE, TENSORBOARD_DIR)
+from selfkd_jax.train.workdir_files import (BEST_CHECKPOINT_DIR, CHECKPOINT_DIR, CONFIG_FILE,
+                                            EVAL_HISTORY_FILE, METRICS_FILE, RESULTS_FILE,
+                                            TENSORBOARD_DIR)
 
 # Folders a run writes that never hold another run: not searched (orbax checkpoints are big).
-_NOT_RUNS = (CHECKPOINT_DIR, TENSORBOARD_DIR)
+_NOT_RUNS = (CHECKPOINT_DIR, BEST_CHECKPOINT_DIR, TENSORBOARD_DIR)
 BIN_KEYS = ("count", "confidence_sum", "correct_sum")
 
 

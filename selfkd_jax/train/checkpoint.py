@@ -122,13 +122,14 @@ def _return_freed_memory() -> None:
 class Checkpointer:
   """Save/restore of the train state, synchronous so a save is complete when `save` returns."""
 
-  def __init__(self, workdir: str, keep: int = 2, log: Callable[[str], Any] = print):
+  def __init__(self, workdir: str, keep: int = 2, log: Callable[[str], Any] = print, *,
+               directory: str = CHECKPOINT_DIR, checksum_directory: str = CHECKSUM_DIR):
     if keep < 1:
       raise ValueError(f"keep must be >= 1, got {keep}")
     self.keep = keep
     self.log = log
-    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
-    self.checksum_directory = os.path.abspath(os.path.join(workdir, CHECKSUM_DIR))
+    self.directory = os.path.abspath(os.path.join(workdir, directory))
+    self.checksum_directory = os.path.abspath(os.path.join(workdir, checksum_directory))
     # max_to_keep=None: Orbax would delete old steps before the new one is verified.
     options = ocp.CheckpointManagerOptions(max_to_keep=None, create=True,
                                            enable_async_checkpointing=False)

@@ -18,6 +18,12 @@ from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS
 
 PARALLEL_MODES = ("shard_map", "pmap")
 UNBOUNDED_WEIGHTS = ("dkd", "aekt")
+# config.teacher.checkpoint: which of the teacher run's checkpoints distils.
+TEACHER_CHECKPOINTS = ("last", "best")
+# Keys added after runs were already written, with the value that reproduces those runs: a
+# workdir config without the key, or with this value, compares equal (it resumes).
+# A student's config holds its teacher's whole config, where the same holds.
+ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last"}
 
 
 class ConfigError(ValueError):
@@ -137,6 +143,12 @@ def _check_teacher(config, num_devices: int) -> None:
     raise ConfigError(f"method {config.method.name!r} distils from a network teacher but the "
                       "config has no config.teacher (config + workdir); add one with "
                       "default_config.teacher_config('configs/...py')")
+  which = teacher.get("checkpoint", "last")
+  _allowed("config.teacher.checkpoint", which, TEACHER_CHECKPOINTS)
+  if which == "best" and not teacher.config.get("keep_best_checkpoint", False):
+    raise ConfigError("config.teacher.checkpoint='best' needs "
+                      "config.teacher.config.keep_best_checkpoint=True (the teacher run must "
+                      "keep its best epoch)")
   try:
     check_config(teacher.config, num_devices)
   except ConfigError as error:
@@ -183,7 +195,22 @@ def comparable(config_dict: dict) -> dict:
   optimizer = kept.get("optimizer")
   if isinstance(optimizer, dict) and optimizer.get("schedule") != "multistep":
     kept["optimizer"] = {k: v for k, v in optimizer.items() if k != "milestones"}
+  for path, default in ADDED_KEYS.items():
+    kept = _without_default(kept, path, default)
+    kept = _without_default(kept, ("teacher", "config", *path), default)
   return kept
+
+
+def _without_default(tree: dict, path: tuple[str, ...], default) -> dict:
+  """`tree` without the key at `path` when it holds `default` (a copy; `tree` is unchanged)."""
+  head, *rest = path
+  if not isinstance(tree, dict) or head not in tree:
+    return tree
+  if rest:
+    return {**tree, head: _without_default(tree[head], tuple(rest), default)}
+  if tree[head] == default:
+    return {k: v for k, v in tree.items() if k != head}
+  return tree
 
 
 def check_workdir(config, workdir: str) -> None:

@@ -21,6 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50        # metrics are fetched from the device every k steps
   config.checkpoint_every_steps = 0  # 0 = at the end of every epoch
   config.keep_checkpoints = 2
+  config.keep_best_checkpoint = False  # also keep the best test epoch's variables (teachers)
   config.eval_every_epochs = 1
   config.progress_bar = True
 
@@ -82,7 +83,7 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 
 
 def teacher_config(path: str, arg: str | None = None, *, workdir: str = "",
-                   **overrides) -> ml_collections.ConfigDict:
+                   checkpoint: str = "last", **overrides) -> ml_collections.ConfigDict:
   """`config.teacher` for a student: the teacher's run config, loaded from its config file.
 
   The whole teacher config is nested under `config.teacher.config`, so any of its keys can be
@@ -96,11 +97,17 @@ def teacher_config(path: str, arg: str | None = None, *, workdir: str = "",
     arg: its config argument (e.g. 'smoke'); the student's argument is passed on by the
       configs in this repository, so a smoke student gets a smoke teacher.
     workdir: the teacher's workdir.
+    checkpoint: 'last' (the finished run's final variables) or 'best' (those of its best test
+      epoch, as Tf-KD's self-teacher `best.pth.tar`; the teacher run then keeps them:
+      `keep_best_checkpoint` is set in its config).
   """
   config = load_config_file(path, arg)
   for key, value in overrides.items():
     config[key] = value
-  return ml_collections.ConfigDict({"config": config, "workdir": workdir, "source": path})
+  if checkpoint == "best":
+    config.keep_best_checkpoint = True
+  return ml_collections.ConfigDict({"config": config, "workdir": workdir, "source": path,
+                                    "checkpoint": checkpoint})
 
 
 def fashion_mnist_recipe(arg: str | None = None) -> ml_collections.ConfigDict:

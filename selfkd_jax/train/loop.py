@@ -281,19 +281,24 @@ def _train_locked(experiment: Experiment, config, workdir: str) -> dict[str, Any
     run_log.write_json_atomic(os.path.join(workdir, config_check.CONFIG_FILE),
                               json.loads(config.to_json()))
   checkpointer = Checkpointer(workdir, keep=config.get("keep_checkpoints", 2), log=_log_line)
+  best_checkpointer = (teacher_lib.best_checkpointer(workdir, log=_log_line)
+                       if config.get("keep_best_checkpoint", False) else None)
   try:
     if needs_network_teacher(config.method):
       experiment.attach_teacher(teacher_lib.prepare_teacher(
           config, workdir, num_classes=experiment.num_classes,
           resuming=checkpointer.latest_step() is not None, train=train_and_evaluate,
           log=_log_line))
-    return _train(experiment, checkpointer, log)
+    return _train(experiment, checkpointer, log, best_checkpointer)
   finally:
     checkpointer.close()
+    if best_checkpointer is not None:
+      best_checkpointer.close()
     log.close()
 
 
-def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunLog):
+def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunLog,
+           best_checkpointer: Checkpointer | None = None):
   config, runner = experiment.config, experiment.runner
   state, resumed = experiment.initial_state(checkpointer)
   start_step = int(jax.device_get(state.step))
@@ -372,6 +377,10 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
             metrics_now = experiment.evaluate(state)
             entry = {"epoch": epoch, "step": step,
                      "wall_s": wall_before + time.time() - started, **metrics_now}
+            if best_checkpointer is not None and all(
+                entry["top1"] > earlier["top1"] for earlier in history):
+              # Before the regular save: a stop in between replays this epoch and saves again.
+              best_checkpointer.save(step, teacher_lib.variables_of(runner.to_global(state)))
             history.append(entry)
             log.write("eval", step, {f"test_{k}": v for k, v in metrics_now.items()})
             log.write_eval_history(history)

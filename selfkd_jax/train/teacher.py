@@ -30,8 +30,8 @@ from selfkd_jax import heads, models
 from selfkd_jax.train.checkpoint import Checkpointer
 from selfkd_jax.train.config_check import ConfigError
 from selfkd_jax.train.run_log import write_json_atomic
-from selfkd_jax.train.workdir_files import (CONFIG_FILE, RESULTS_FILE, TEACHER_FILE,
-                                            WorkdirError)
+from selfkd_jax.train.workdir_files import (BEST_CHECKPOINT_DIR, BEST_CHECKSUM_DIR, CONFIG_FILE,
+                                            RESULTS_FILE, TEACHER_FILE, WorkdirError)
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
@@ -65,16 +65,34 @@ def _check_compatible(config, teacher_config) -> None:
                       f"{config.data.name!r}; a teacher must share the student's dataset")
 
 
-def load_variables(workdir: str) -> tuple[dict, int]:
-  """`{'params', 'batch_stats'}` of the latest verified checkpoint in `workdir`, and its step.
+def best_checkpointer(workdir: str, log: Callable[[str], Any] = print) -> Checkpointer:
+  """Where `config.keep_best_checkpoint` keeps the variables of the best test epoch (one step).
+
+  The epoch is chosen on the test set, as the official scripts that report or distil from the
+  best epoch do (Tf-KD's `best.pth.tar`, CS-KD, Zipf, mdistiller): CIFAR has no validation split.
+  """
+  return Checkpointer(workdir, keep=1, log=log, directory=BEST_CHECKPOINT_DIR,
+                      checksum_directory=BEST_CHECKSUM_DIR)
+
+
+def variables_of(state) -> dict:
+  """`{'params', 'batch_stats'}` of a train state: what a best checkpoint keeps."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def load_variables(workdir: str, checkpoint: str = "last") -> tuple[dict, int]:
+  """`{'params', 'batch_stats'}` of the latest verified checkpoint in `workdir` (or of its best
+  epoch's, `checkpoint='best'`), and its step.
 
   Only the backbone's: the heads a method trained (BYOT's exits, say) are not the teacher.
   """
-  checkpointer = Checkpointer(workdir)
+  checkpointer = best_checkpointer(workdir) if checkpoint == "best" else Checkpointer(workdir)
   try:
     if checkpointer.latest_step() is None:
+      hint = (" (it was trained without config.keep_best_checkpoint: train it again in a new "
+              "workdir)" if checkpoint == "best" else "")
       raise ConfigError(f"teacher workdir {workdir} has no checkpoint in "
-                        f"{checkpointer.directory}")
+                        f"{checkpointer.directory}{hint}")
     # No target: the saved tree as plain arrays; only two of its fields are used.
     saved, step = checkpointer.restore()
   finally:
@@ -85,11 +103,12 @@ def load_variables(workdir: str) -> tuple[dict, int]:
   return variables, step
 
 
-def load_teacher(workdir: str, num_classes: int) -> Teacher:
-  """The finished run in `workdir` as a frozen teacher (model from its saved config.json)."""
+def load_teacher(workdir: str, num_classes: int, checkpoint: str = "last") -> Teacher:
+  """The finished run in `workdir` as a frozen teacher (model from its saved config.json);
+  `checkpoint='best'`: its best test epoch's variables."""
   with open(os.path.join(workdir, CONFIG_FILE)) as f:
     teacher_config = ml_collections.ConfigDict(json.load(f))
-  variables, step = load_variables(workdir)
+  variables, step = load_variables(workdir, checkpoint)
   model = models.model_from_config(teacher_config.model, num_classes=num_classes)
   return Teacher(model=model, variables=variables, workdir=os.path.abspath(workdir), step=step,
                  sha256=variables_sha256(variables), config=teacher_config)
@@ -124,7 +143,8 @@ def prepare_teacher(config, workdir: str, *, num_classes: int, resuming: bool,
         f"({config.teacher.get('source', '') or 'config.teacher.config'})")
     train(teacher_config, directory)
     log(f"Teacher: done; now training the student in {workdir}")
-  teacher = load_teacher(directory, num_classes)
+  which = config.teacher.get("checkpoint", "last")
+  teacher = load_teacher(directory, num_classes, which)
   record_path = os.path.join(workdir, TEACHER_FILE)
   if resuming and os.path.exists(record_path):
     try:
@@ -143,6 +163,7 @@ def prepare_teacher(config, workdir: str, *, num_classes: int, resuming: bool,
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     write_json_atomic(record_path, {"workdir": teacher.workdir, "step": teacher.step,
+                                    "checkpoint": which,
                                     "sha256": teacher.sha256, "model": teacher.config.model.name,
                                     "source": config.teacher.get("source", "")})
   return teacher

@@ -13,6 +13,9 @@ EVAL_HISTORY_FILE = "eval_history.json"
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 CHECKSUM_DIR = "checkpoint_checksums"  # <step>.json: size and SHA-256 of each checkpoint file
+# config.keep_best_checkpoint: the variables of the best test epoch so far, one step kept.
+BEST_CHECKPOINT_DIR = "best_checkpoint"
+BEST_CHECKSUM_DIR = "best_checkpoint_checksums"
 LOCK_FILE = ".lock"                  # the run's flock; records host, pid and start time
 TENSORBOARD_DIR = "tb"
 TEACHER_FILE = "teacher.json"        # the frozen teacher a student distils from: path + sha256
