@@ -86,9 +86,14 @@ def _init(model, x, seed=0):
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
+# The CIFAR-100 distillation benchmark's models (tests/test_kd_zoo_models.py).
+KD_ZOO = ('wrn40_2', 'wrn16_2_nobias', 'resnet20', 'resnet56', 'resnet8x4', 'resnet32x4',
+          'vgg8', 'vgg13')
+
+
 def test_model_names():
   assert models.MODEL_NAMES == (
-      'mlp', 'lenet5_bn', 'resnet18', 'preact_resnet18', 'wrn16_2', 'wrn28_10')
+      'mlp', 'lenet5_bn', 'resnet18', 'preact_resnet18', 'wrn16_2', 'wrn28_10') + KD_ZOO
 
 
 def test_unknown_model_name():
@@ -96,7 +101,7 @@ def test_unknown_model_name():
     models.get_model('resnet9000', num_classes=10)
   assert str(info.value) == (
       "unknown model 'resnet9000'; allowed: mlp, lenet5_bn, resnet18, "
-      "preact_resnet18, wrn16_2, wrn28_10")
+      "preact_resnet18, wrn16_2, wrn28_10, " + ", ".join(KD_ZOO))
 
 
 def test_fixed_architecture_fields_cannot_be_overridden():
@@ -112,7 +117,7 @@ def test_get_model_passes_fields():
           model.dtype, model.bn_axis_name) == (7, 16, 2, 0.3, jnp.bfloat16, 'data')
 
 
-@pytest.mark.parametrize('name', models.MODEL_NAMES)
+@pytest.mark.parametrize('name', tuple(INPUT_SHAPE))  # KD_ZOO: test_kd_zoo_models.py
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_output_shapes_and_dtypes(name, dtype):
   shape = INPUT_SHAPE[name]

@@ -10,6 +10,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from selfkd_jax.models import common
+
 # Every layer halves (encoder) or doubles (decoder) the spatial size: 4×4 kernels, stride 2.
 KERNEL_SIZE = 4
 ENCODER_CHANNELS = (12, 24, 48)
@@ -23,17 +25,7 @@ _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 # (SGD, lr 0.1) was tuned with it. flax's fan_in is kh·kw·kernel.shape[-2]: in_channels for a
 # conv kernel [kh, kw, in, out], and out_channels for a transposed-conv kernel [kh, kw, out, in],
 # which is also what PyTorch calls the fan-in of a ConvTranspose2d weight [in, out, kh, kw].
-_torch_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-
-
-def _torch_bias_init(fan_in: int):
-  """PyTorch's conv bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), with the kernel's fan-in."""
-  bound = 1.0 / fan_in**0.5
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+# The initialisers are `common.torch_kernel_init` and `common.torch_bias_init(fan_in)`.
 
 
 def _space_to_depth(x: jax.Array) -> jax.Array:
@@ -104,8 +96,8 @@ class _Layer(nn.Module):
     else:
       shape = (KERNEL_SIZE, KERNEL_SIZE, in_features, self.features)
       fan_in = KERNEL_SIZE * KERNEL_SIZE * in_features
-    kernel = self.param('kernel', _torch_kernel_init, shape, jnp.float32)
-    bias = self.param('bias', _torch_bias_init(fan_in), (self.features,), jnp.float32)
+    kernel = self.param('kernel', common.torch_kernel_init, shape, jnp.float32)
+    bias = self.param('bias', common.torch_bias_init(fan_in), (self.features,), jnp.float32)
     x = x.astype(self.dtype)
     y = conv_up(x, kernel) if self.transposed else conv_down(x, kernel)
     return y + bias.astype(self.dtype)

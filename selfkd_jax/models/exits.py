@@ -49,12 +49,14 @@ the width of the backbone's `outputs['features']`, for the feature loss. `adapte
 (BYOT conference version, `|f_i - f_deep|²` on the raw features) needs exit width ==
 feature width (true for the ResNets: 512 = 512).
 
-Initialisation: convs Kaiming-normal fan_out (as the official code, and as the backbones
-here), Dense layers flax's default (LeCun normal, zero bias; PyTorch's default Linear init
-differs). BatchNorm uses PyTorch's defaults (`common.batch_norm`); in train mode its batch
-statistics are averaged over the named axis given at call time (`axis_name`), so under
-`shard_map` they are the global batch's. Logits and features come out in float32; the conv
-stacks compute in `dtype`.
+Initialisation by `make_exits(init=...)` (`common.INIT_SCHEMES`; the modules' field
+`init_scheme`): the default 'flax' gives the convs Kaiming-normal fan_out (as the official code,
+and as the backbones here) and the Dense layers flax's default (LeCun normal, zero bias). The
+official BYOT code (ArchipLab's `resnet.py`: `kaiming_normal_(mode='fan_out')` on every conv,
+Linear layers left at PyTorch's default) is `init='kaiming_fan_out'`. BatchNorm uses PyTorch's
+defaults (`common.batch_norm`); in train mode its batch statistics are averaged over the named
+axis given at call time (`axis_name`), so under `shard_map` they are the global batch's. Logits
+and features come out in float32; the conv stacks compute in `dtype`.
 """
 from __future__ import annotations
 
@@ -65,6 +67,7 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax.models import common
+from selfkd_jax.models.cifar_resnet import RepDistillerResNet
 from selfkd_jax.models.registry import abstract_model
 from selfkd_jax.models.resnet import BasicBlock, CifarResNet, PreActBlock, PreActResNet
 from selfkd_jax.models.wide_resnet import WideBasicBlock, WideResNet
@@ -73,22 +76,12 @@ EXIT_KINDS = ('byot', 'hsakd')
 BYOT_CONVS = ('sepconv', 'plain')
 HSAKD_BLOCKS = ('basic', 'preact', 'wide', 'conv')
 
-_PAD1 = ((1, 1), (1, 1))
-
-
-def _conv(features: int, kernel: int, strides: int, dtype: Any, name: str, groups: int = 1):
-  return nn.Conv(
-      features, (kernel, kernel), strides=(strides, strides),
-      padding=_PAD1 if kernel == 3 else 'VALID', use_bias=False,
-      feature_group_count=groups, kernel_init=common.conv_kernel_init, dtype=dtype,
-      param_dtype=jnp.float32, name=name)
-
-
 class SepConv(nn.Module):
   """BYOT's `SepConv`: dw3×3(stride)-1×1-BN-ReLU-dw3×3-1×1(to `features`)-BN-ReLU, no biases."""
   features: int
   strides: int
   dtype: Any = jnp.float32
+  init_scheme: str = 'flax'
 
   @nn.compact
   def __call__(self, x, *, train: bool, axis_name: str | None = None):
@@ -97,11 +90,15 @@ class SepConv(nn.Module):
     def norm(name):
       return common.batch_norm(train=train, dtype=self.dtype, axis_name=axis_name, name=name)
 
-    x = _conv(channels, 3, self.strides, self.dtype, 'dw1', groups=channels)(x)
-    x = _conv(channels, 1, 1, self.dtype, 'pw1')(x)
+    def conv(x, features, kernel, strides, name, groups=1):
+      return common.conv(x, features, kernel, strides=strides, groups=groups, init=self.init_scheme,
+                         dtype=self.dtype, name=name)
+
+    x = conv(x, channels, 3, self.strides, 'dw1', groups=channels)
+    x = conv(x, channels, 1, 1, 'pw1')
     x = nn.relu(norm('bn1')(x))
-    x = _conv(channels, 3, 1, self.dtype, 'dw2', groups=channels)(x)
-    x = _conv(self.features, 1, 1, self.dtype, 'pw2')(x)
+    x = conv(x, channels, 3, 1, 'dw2', groups=channels)
+    x = conv(x, self.features, 1, 1, 'pw2')
     return nn.relu(norm('bn2')(x))
 
 
@@ -110,10 +107,12 @@ class ConvBNReLU(nn.Module):
   features: int
   strides: int
   dtype: Any = jnp.float32
+  init_scheme: str = 'flax'
 
   @nn.compact
   def __call__(self, x, *, train: bool, axis_name: str | None = None):
-    x = _conv(self.features, 3, self.strides, self.dtype, 'conv')(x)
+    x = common.conv(x, self.features, 3, strides=self.strides, init=self.init_scheme,
+                    dtype=self.dtype, name='conv')
     x = common.batch_norm(train=train, dtype=self.dtype, axis_name=axis_name, name='bn')(x)
     return nn.relu(x)
 
@@ -128,6 +127,7 @@ class ByotExit(nn.Module):
     attention: multiply the input by BYOT's sigmoid attention mask first.
     conv: 'sepconv' (official) or 'plain' (ours) blocks.
     dtype: computation dtype of the conv stack (parameters float32).
+    init_scheme: initialisation scheme, one of `common.INIT_SCHEMES`.
 
   Returns from `__call__(x, *, train, axis_name=None)`: `(logits [B, C] float32,
   features [B, widths[-1]] float32)` (the pooled map, the Dense layer's input).
@@ -138,6 +138,7 @@ class ByotExit(nn.Module):
   attention: bool = True
   conv: str = 'sepconv'
   dtype: Any = jnp.float32
+  init_scheme: str = 'flax'
 
   @nn.compact
   def __call__(self, x, *, train: bool, axis_name: str | None = None):
@@ -148,7 +149,7 @@ class ByotExit(nn.Module):
     x = x.astype(self.dtype)
     if self.attention:
       channels = x.shape[-1]
-      mask = SepConv(channels, 2, self.dtype, name='attention_conv')(
+      mask = SepConv(channels, 2, self.dtype, self.init_scheme, name='attention_conv')(
           x, train=train, axis_name=axis_name)
       mask = common.batch_norm(train=train, dtype=self.dtype, axis_name=axis_name,
                                name='attention_bn')(mask)
@@ -157,11 +158,11 @@ class ByotExit(nn.Module):
       x = x * nn.sigmoid(mask)
     block = SepConv if self.conv == 'sepconv' else ConvBNReLU
     for k, (width, stride) in enumerate(zip(self.widths, self.strides)):
-      x = block(width, stride, self.dtype, name=f'block{k + 1}')(
+      x = block(width, stride, self.dtype, self.init_scheme, name=f'block{k + 1}')(
           x, train=train, axis_name=axis_name)
     features = common.global_average_pool(x)
-    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-                      name='classifier')(features)
+    logits = common.dense(features, self.num_classes, init=self.init_scheme, dtype=jnp.float32,
+                          name='classifier')
     return logits, features
 
 
@@ -174,6 +175,7 @@ class HsakdExit(nn.Module):
       its number of blocks.
     num_classes: logits width (`4 · C` for the rotation task).
     dtype: computation dtype (parameters float32).
+    init_scheme: initialisation scheme, one of `common.INIT_SCHEMES`.
 
   Returns from `__call__(x, *, train, axis_name=None)`: `(logits, features)` as `ByotExit`.
   """
@@ -183,6 +185,7 @@ class HsakdExit(nn.Module):
   blocks: Sequence[int]
   num_classes: int
   dtype: Any = jnp.float32
+  init_scheme: str = 'flax'
 
   @nn.compact
   def __call__(self, x, *, train: bool, axis_name: str | None = None):
@@ -194,23 +197,24 @@ class HsakdExit(nn.Module):
         strides = stride if j == 0 else 1
         name = f'stage{s + 1}_block{j + 1}'
         if self.block == 'basic':
-          x = BasicBlock(width, strides, self.dtype, axis_name, name=name)(x, train=train)
+          x = BasicBlock(width, strides, self.dtype, axis_name, self.init_scheme, name=name)(
+              x, train=train)
         elif self.block == 'preact':
-          x = PreActBlock(width, strides, True, self.dtype, axis_name, name=name)(
+          x = PreActBlock(width, strides, True, self.dtype, axis_name, self.init_scheme, name=name)(
               x, train=train)
         elif self.block == 'wide':
-          x = WideBasicBlock(width, strides, 0.0, False, self.dtype, axis_name, name=name)(
-              x, train=train)
+          x = WideBasicBlock(width, strides, 0.0, False, self.dtype, axis_name, self.init_scheme,
+                             name=name)(x, train=train)
         else:
-          x = ConvBNReLU(width, strides, self.dtype, name=name)(
+          x = ConvBNReLU(width, strides, self.dtype, self.init_scheme, name=name)(
               x, train=train, axis_name=axis_name)
     if self.block == 'wide':
       x = common.batch_norm(train=train, dtype=self.dtype, axis_name=axis_name,
                             name='final_bn')(x)
       x = nn.relu(x)
     features = common.global_average_pool(x)
-    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
-                      name='classifier')(features)
+    logits = common.dense(features, self.num_classes, init=self.init_scheme, dtype=jnp.float32,
+                          name='classifier')
     return logits, features
 
 
@@ -242,6 +246,7 @@ class Exits(nn.Module):
     adapters: a linear adapter per exit (else the exit features are returned as they are).
     rotations: joint-label factor of the logits (`num_outputs = rotations · C`; 1 for 'byot').
     dtype: computation dtype.
+    init_scheme: initialisation scheme of every exit and adapter, one of `common.INIT_SCHEMES`.
 
   `__call__(stage_features, *, train, axis_name=None) -> (logits, adapted_features)`: tuples
   with one `[B, num_outputs]` and one `[B, feature_dim]` float32 array per exit, shallowest
@@ -260,6 +265,7 @@ class Exits(nn.Module):
   adapters: bool = True
   rotations: int = 1
   dtype: Any = jnp.float32
+  init_scheme: str = 'flax'
 
   @property
   def num_exits(self) -> int:
@@ -286,18 +292,18 @@ class Exits(nn.Module):
       name = f'exit{k + 1}'
       if self.kind == 'byot':
         exit_module = ByotExit(widths, strides, self.num_outputs, self.attention, self.conv,
-                               self.dtype, name=name)
+                               self.dtype, self.init_scheme, name=name)
       else:
         if stage == len(self.stage_shapes) - 1:
           blocks = (self.blocks_per_stage[-1],)
         else:
           blocks = tuple(self.blocks_per_stage[stage + 1:])
         exit_module = HsakdExit(self.block, widths, strides, blocks, self.num_outputs,
-                                self.dtype, name=name)
+                                self.dtype, self.init_scheme, name=name)
       logits, features = exit_module(stage_features[stage], train=train, axis_name=axis_name)
       if self.adapters:
-        features = nn.Dense(self.feature_dim, dtype=jnp.float32, param_dtype=jnp.float32,
-                            name=f'adapter{k + 1}')(features)
+        features = common.dense(features, self.feature_dim, init=self.init_scheme,
+                                dtype=jnp.float32, name=f'adapter{k + 1}')
       all_logits.append(logits)
       all_features.append(features)
     return tuple(all_logits), tuple(all_features)
@@ -313,7 +319,8 @@ def _shape3(shape: Any) -> tuple[int, int, int]:
 def make_exits(kind: str, stage_shapes: Sequence[Any], feature_dim: int, num_classes: int, *,
                attention: bool | None = None, conv: str = 'sepconv', block: str = 'conv',
                blocks_per_stage: int | Sequence[int] = 1, include_last: bool | None = None,
-               rotations: int = 4, adapters: bool = True, dtype: Any = jnp.float32) -> Exits:
+               rotations: int = 4, adapters: bool = True, dtype: Any = jnp.float32,
+               init: str = 'flax') -> Exits:
   """Builds the exits for a backbone from its stage shapes.
 
   Args:
@@ -334,9 +341,11 @@ def make_exits(kind: str, stage_shapes: Sequence[Any], feature_dim: int, num_cla
     adapters: a linear adapter per exit to `feature_dim` (BYOT journal). False needs every
       exit's width (the last stage's) to equal `feature_dim`.
     dtype: computation dtype of the exits.
+    init: initialisation scheme of the exits, one of `common.INIT_SCHEMES` (the
+      backbone's `config.model.init`, as a rule).
 
   Raises:
-    ValueError: on an unknown kind/conv/block, fewer than 2 stages without `include_last`,
+    ValueError: on an unknown kind/conv/block/init, fewer than 2 stages without `include_last`,
       inconsistent sizes, or `adapters=False` with mismatched widths.
   """
   if kind not in EXIT_KINDS:
@@ -345,6 +354,8 @@ def make_exits(kind: str, stage_shapes: Sequence[Any], feature_dim: int, num_cla
     raise ValueError(f"make_exits: conv={conv!r}; allowed: {', '.join(BYOT_CONVS)}")
   if block not in HSAKD_BLOCKS:
     raise ValueError(f"make_exits: block={block!r}; allowed: {', '.join(HSAKD_BLOCKS)}")
+  if init not in common.INIT_SCHEMES:
+    raise ValueError(f"make_exits: init={init!r}; allowed: {', '.join(common.INIT_SCHEMES)}")
   shapes = tuple(_shape3(s) for s in stage_shapes)
   if not shapes:
     raise ValueError("make_exits: no stage shapes")
@@ -374,13 +385,16 @@ def make_exits(kind: str, stage_shapes: Sequence[Any], feature_dim: int, num_cla
                feature_dim=int(feature_dim), num_outputs=int(num_outputs),
                attention=bool(attention), conv=conv, block=block,
                blocks_per_stage=blocks_per_stage, adapters=bool(adapters),
-               rotations=int(rotations) if kind == 'hsakd' else 1, dtype=dtype)
+               rotations=int(rotations) if kind == 'hsakd' else 1, dtype=dtype,
+               init_scheme=init)
 
 
 def backbone_exit_kwargs(model: nn.Module) -> dict[str, Any]:
   """`{'block', 'blocks_per_stage'}` for 'hsakd' exits copying this package's `model`."""
   if isinstance(model, CifarResNet):
     return {'block': 'basic', 'blocks_per_stage': tuple(model.stage_sizes)}
+  if isinstance(model, RepDistillerResNet):
+    return {'block': 'basic', 'blocks_per_stage': (model.depth - 2) // 6}
   if isinstance(model, PreActResNet):
     return {'block': 'preact', 'blocks_per_stage': tuple(model.stage_sizes)}
   if isinstance(model, WideResNet):

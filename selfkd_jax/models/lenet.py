@@ -31,8 +31,9 @@ class LeNet5BN(nn.Module):
   Dense 120·84+84 = 10,164, classifier 84·10+10 = 850; total 61,728
   (ReffAKD's PyTorch model: 61,750). `fc_batchnorm=True` adds 2·120 + 2·84 = 408.
 
-  Convs use Kaiming-normal fan_out initialisation (torchvision's), Dense layers flax's
-  default (LeCun normal, zero bias).
+  Initialisation by `init_scheme` (`common.INIT_SCHEMES`); the default 'flax' gives the convs
+  Kaiming-normal fan_out (torchvision's), the Dense layers flax's default (LeCun
+  normal, zero bias). ReffAKD's notebooks have no init loop: 'pytorch'.
 
   Attributes:
     num_classes: number of output classes.
@@ -40,6 +41,7 @@ class LeNet5BN(nn.Module):
     fc_batchnorm: BatchNorm after the two hidden Dense layers (not in ReffAKD).
     dtype: computation dtype (parameters are float32).
     bn_axis_name: named axis over which BatchNorm statistics are averaged in training.
+    init_scheme: initialisation scheme, one of `common.INIT_SCHEMES`.
 
   Returns from `__call__(x, train=...)` a dict:
     'logits' [B, C] float32; 'features' [B, 84] float32 (the classifier's input);
@@ -58,29 +60,29 @@ class LeNet5BN(nn.Module):
   fc_batchnorm: bool = False
   dtype: Any = jnp.float32
   bn_axis_name: str | None = None
+  init_scheme: str = 'flax'
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, *, train: bool) -> dict[str, Any]:
+    common.check_init(self.init_scheme)
+
     def conv_block(x, features, padding, index):
-      x = nn.Conv(features, (5, 5), padding=padding, use_bias=False,
-                  kernel_init=common.conv_kernel_init, dtype=self.dtype,
-                  param_dtype=jnp.float32, name=f'conv{index}')(x)
+      x = common.conv(x, features, 5, padding=padding, init=self.init_scheme, dtype=self.dtype,
+                      name=f'conv{index}')
       x = common.batch_norm(train=train, dtype=self.dtype,
                             axis_name=self.bn_axis_name, name=f'bn{index}')(x)
       x = nn.relu(x)
       return nn.max_pool(x, (2, 2), strides=(2, 2))
 
-    p = self.conv1_padding
-    block1 = conv_block(x, 6, ((p, p), (p, p)), 1)
-    block2 = conv_block(block1, 16, 'VALID', 2)
+    block1 = conv_block(x, 6, self.conv1_padding, 1)
+    block2 = conv_block(block1, 16, 0, 2)
 
     h = block2.reshape((block2.shape[0], -1))
     for i, size in enumerate((120, 84)):
-      h = nn.Dense(size, dtype=self.dtype, param_dtype=jnp.float32,
-                   name=f'fc{i + 1}')(h)
+      h = common.dense(h, size, init=self.init_scheme, dtype=self.dtype, name=f'fc{i + 1}')
       if self.fc_batchnorm:
         h = common.batch_norm(train=train, dtype=self.dtype,
                               axis_name=self.bn_axis_name, name=f'fc{i + 1}_bn')(h)
       h = nn.relu(h)
     return common.classifier_outputs(
-        h, block2, (block1, block2), self.num_classes)
+        h, block2, (block1, block2), self.num_classes, self.init_scheme)

@@ -23,7 +23,8 @@ TEACHER_CHECKPOINTS = ("last", "best")
 # Keys added after runs were already written, with the value that reproduces those runs: a
 # workdir config without the key, or with this value, compares equal (it resumes).
 # A student's config holds its teacher's whole config, where the same holds.
-ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last"}
+ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last",
+              ("model", "init"): "flax"}
 
 
 class ConfigError(ValueError):
@@ -67,7 +68,7 @@ def _check_method(method) -> None:
 def check_config(config, num_devices: int) -> None:
   """Checks `config` on its own and against the device count. Raises ConfigError."""
   from selfkd_jax.data import DATASET_NAMES
-  from selfkd_jax.models import COMPUTE_DTYPES, MODEL_NAMES
+  from selfkd_jax.models import COMPUTE_DTYPES, INIT_SCHEMES, MODEL_NAMES
 
   for key in ("seed", "num_epochs", "batch_size"):
     if key not in config:
@@ -92,6 +93,7 @@ def check_config(config, num_devices: int) -> None:
   _check_teacher(config, num_devices)
   _allowed("config.model.name", config.model.name, MODEL_NAMES)
   _allowed("config.model.dtype", config.model.dtype, COMPUTE_DTYPES)
+  _allowed("config.model.init", config.model.get("init", "flax"), INIT_SCHEMES)
   if config.data.name not in DATASET_NAMES and not _is_tfds_name(config.data.name):
     raise ConfigError(f"config.data.name={config.data.name!r} is not a known dataset; allowed: "
                       f"{', '.join(DATASET_NAMES)} or a TFDS dataset name (e.g. cifar100)")

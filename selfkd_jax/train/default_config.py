@@ -31,6 +31,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = "lenet5_bn"
   config.model.dtype = "float32"     # compute dtype; parameters stay float32
+  config.model.init = "flax"         # 'flax', 'pytorch' or 'kaiming_fan_out' (models.INIT_SCHEMES)
   config.model.num_classes = -1      # -1 = from the dataset
 
   config.data = ml_collections.ConfigDict()
