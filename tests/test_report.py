@@ -301,6 +301,31 @@ def test_exit_accuracies_get_their_own_table(tmp_path, capsys):
   assert "| ce |" not in table
 
 
+def test_published_number_beside_ours_under_the_papers_protocol(tmp_path, capsys):
+  zipf = {"top1": 77.38, "epoch": "best", "source": "zipfls README"}
+  pskd = {"top1": 79.18, "epoch": "last", "source": "PS-KD README"}
+  for seed, (last, best) in enumerate(((0.760, 0.775), (0.770, 0.781))):
+    make_run(tmp_path / "zipf" / f"seed{seed}", seed=seed, method={"name": "zipf"}, top1=last,
+             best=best, published=zipf)
+  # A corrected published number on one seed does not split the group (a resumable key).
+  make_run(tmp_path / "pskd" / "seed0", seed=0, method=PSKD_08, top1=0.79, best=0.80,
+           published=pskd)
+  make_run(tmp_path / "pskd" / "seed1", seed=1, method=PSKD_08, top1=0.80, best=0.81,
+           published=dict(pskd, top1=79.0))
+  make_run(tmp_path / "ce", seed=0, top1=0.9)
+  assert run_report(capsys, tmp_path, "--out", tmp_path / "out")[0] == 0
+  rows = read_csv(tmp_path / "out" / "report.csv")
+  assert list(rows) == ["ce", "pskd", "zipf"]
+  assert rows["zipf"]["published_top1"] == "77.38" and rows["zipf"]["published_epoch"] == "best"
+  assert rows["ce"]["published_top1"] == ""
+  table = (tmp_path / "out" / "report.md").read_text().split(
+      "## Against the published numbers")[1].split("\n\n## ")[0]
+  # Zipf: best epoch, mean of 77.5 and 78.1; PS-KD: last epoch, mean of 79 and 80.
+  assert ("| zipf | 2 | 77.38 | best | 77.80 ± 0.42 | +0.42 | zipfls README |" in table), table
+  assert "| pskd | 2 | 79.18 | last | 79.50 ± 0.71 | +0.32 | PS-KD README |" in table, table
+  assert "| ce |" not in table
+
+
 def test_ignored_keys_are_the_trainers_resumable_keys():
   from selfkd_jax.train import config_check
   assert set(groups.IGNORED_KEYS) == {"seed", *config_check.RESUMABLE_KEYS}

@@ -67,6 +67,12 @@ def document(*, dataset: str, sources: Sequence[str], groups: Sequence[Group],
               f"from `{benchmark_path}` (same model and compute dtype; the run's batch size "
               "when timed). It is measured with the method's default settings and leaves out "
               "per-epoch work such as evaluation or a refresh pass. Blank: not benchmarked.", ""]
+  published = tables.published_table(rows)
+  if published:
+    lines += ["## Against the published numbers", "",
+              "Groups whose recipe reproduces a paper (`config.published`): its number beside "
+              "ours under the paper's protocol, its best test epoch (optimistic, see above) or "
+              "its last.", "", published, ""]
   exits = tables.exits_table(rows)
   if exits:
     lines += ["## Auxiliary exits (test top-1 %, last epoch)", "",

@@ -41,7 +41,8 @@ METRICS = (
 )
 CSV_COLUMNS = (["group", "method", "model", "dataset", "config", "n", "seeds"]
                + [f"{m.name}_{s}" for m in METRICS for s in ("mean", "std")]
-               + ["step_time_ratio_to_ce", "step_time_benchmark", "exit_top1"])
+               + ["step_time_ratio_to_ce", "step_time_benchmark", "exit_top1",
+                  "published_top1", "published_epoch", "published_source"])
 ENSEMBLE = "ensemble"
 
 
@@ -87,6 +88,10 @@ def summarize(group: Group, records: list[dict] | None) -> dict[str, Any]:
   row["step_time_ratio_to_ce"] = record["ratio_to_ce"] if record else None
   row["step_time_benchmark"] = benchmark_lib.describe(record) if record else None
   row["exit_top1"] = exit_stats(group) or None
+  published = (first.config or {}).get("published") or {}
+  row["published_top1"] = published.get("top1")
+  row["published_epoch"] = published.get("epoch")
+  row["published_source"] = published.get("source")
   return row
 
 
@@ -130,6 +135,25 @@ def results_table(rows: Sequence[dict], with_ratio: bool) -> str:
       ratio = row["step_time_ratio_to_ce"]
       cells.append("" if ratio is None else f"{ratio:.3f}")
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def published_table(rows: Sequence[dict]) -> str | None:
+  """Groups whose config carries the published number of its recipe (`config.published`): that
+  number beside ours under the same protocol (best or last test epoch); None if no group has
+  one."""
+  rows = [row for row in rows if row.get("published_top1") is not None]
+  if not rows:
+    return None
+  lines = ["| method | n | published top-1 (%) | epoch | ours, same epoch (%) | ours − published "
+           "| source |", "|---|---|---|---|---|---|---|"]
+  for row in rows:
+    metric = "top1_best" if row["published_epoch"] == "best" else "top1_last"
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    difference = "" if mean is None else f"{100 * mean - row['published_top1']:+.2f}"
+    lines.append(f"| {_escape(row['group'])} | {row['n']} | {row['published_top1']:.2f} | "
+                 f"{row['published_epoch']} | {_cell(mean, std, 100, 2)} | {difference} | "
+                 f"{_escape(row.get('published_source') or '')} |")
   return "\n".join(lines)
 
 

@@ -91,6 +91,7 @@ def check_config(config, num_devices: int) -> None:
   _allowed("config.parallel", config.parallel, PARALLEL_MODES)
   _check_method(config.method)
   _check_teacher(config, num_devices)
+  _check_published(config)
   _allowed("config.model.name", config.model.name, MODEL_NAMES)
   _allowed("config.model.dtype", config.model.dtype, COMPUTE_DTYPES)
   _allowed("config.model.init", config.model.get("init", "flax"), INIT_SCHEMES)
@@ -135,6 +136,17 @@ def _check_milestones(config) -> None:
     if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
       raise ConfigError(f"config.optimizer.milestones={tuple(milestones)!r}: {m!r} is not an "
                         "epoch number > 0")
+
+
+def _check_published(config) -> None:
+  published = config.get("published", None)
+  if published is None:
+    return
+  top1, epoch = published.get("top1", None), published.get("epoch", None)
+  if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0 < top1 <= 100:
+    raise ConfigError(f"config.published.top1={top1!r} must be a top-1 accuracy in percent, "
+                      "in (0, 100]")
+  _allowed("config.published.epoch", epoch, ("best", "last"))
 
 
 def _check_teacher(config, num_devices: int) -> None:

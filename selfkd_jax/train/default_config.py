@@ -111,6 +111,20 @@ def teacher_config(path: str, arg: str | None = None, *, workdir: str = "",
                                     "checkpoint": checkpoint})
 
 
+def published_result(top1: float, epoch: str, source: str) -> ml_collections.ConfigDict:
+  """`config.published`: the number a recipe reproduces, for the report to set ours beside it.
+
+  Args:
+    top1: the published test top-1, in percent.
+    epoch: 'best' (the paper reports its best test epoch) or 'last'; the report compares it with
+      our `best_test_top1` or `test_top1` accordingly.
+    source: where the number is printed (paper table, repository README).
+
+  A resumable key: it does not change the run, and correcting it does not refuse a resume.
+  """
+  return ml_collections.ConfigDict({"top1": float(top1), "epoch": epoch, "source": source})
+
+
 def fashion_mnist_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
   """LeNet-5-BN on Fashion-MNIST, the recipe shared by every method's Fashion-MNIST config.
 

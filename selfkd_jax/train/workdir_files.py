@@ -34,8 +34,9 @@ class WorkdirError(OSError):
   """The workdir, or a file the run needs in it, cannot be used (data/environment: exit 1)."""
 
 
-# Keys that may change between a run and its resumption. The first four do not change the
-# result; the device count and the runner change it only by float round-off (the order of
-# cross-device sums), and a run may move to another machine.
+# Keys that may change between a run and its resumption. The first four, and the published
+# number a recipe is compared with, do not change the result; the device count and the runner
+# change it only by float round-off (the order of cross-device sums), and a run may move to
+# another machine.
 RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
-                  "keep_checkpoints", "num_devices", "parallel")
+                  "keep_checkpoints", "num_devices", "parallel", "published")
