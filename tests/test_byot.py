@@ -505,3 +505,19 @@ def test_four_devices_match_one_device(setup):
   roundoff.assert_trees_close_to_scale(stats_4, stats_1, roundoff.STEP_RTOL)
   assert set(metrics_4) == set(metrics_1)
   roundoff.assert_trees_close_to_scale(metrics_4, metrics_1, roundoff.STEP_RTOL)
+
+
+@pytest.mark.parametrize("method", ["byot", "lsskd"])
+def test_exits_start_like_their_backbone(method):
+  """`config.model.init` reaches the exits the trainer builds (the official codes initialise
+  the whole network with one scheme); the schemes' values are tested in test_model_init.py."""
+  from selfkd_jax import models  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train import method_factory  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train.default_config import method_config  # pylint: disable=g-import-not-at-top
+  for scheme in ("pytorch", "kaiming_fan_out", "flax"):
+    backbone = models.get_model("lenet5_bn", num_classes=C, init=scheme)
+    context = method_factory.MethodContext(
+        num_classes=C, num_examples=64, num_epochs=1,
+        **method_factory.model_fields(backbone, IMAGE))
+    (head,) = method_factory.build_heads(method_config(method), context)
+    assert head.exits.init_scheme == scheme

@@ -188,18 +188,24 @@ def _byot(cfg, ctx):
                       feature_exits=tuple(cfg.feature_exits) or None)
 
 
+def _exits_init(ctx) -> str:
+  """Exits start like their backbone (`config.model.init`): the official codes that train them
+  initialise the whole network with one scheme."""
+  return getattr(ctx.model, "init_scheme", "flax") if ctx.model is not None else "flax"
+
+
 def _byot_exits(cfg, ctx):
   if len(ctx.stage_shapes) < 2:
     raise ValueError("byot needs a model with at least 2 stages in outputs['stage_features']")
   return exits_lib.make_exits("byot", ctx.stage_shapes, ctx.output_shapes["features"][-1],
-                              ctx.num_classes, attention=cfg.attention)
+                              ctx.num_classes, attention=cfg.attention, init=_exits_init(ctx))
 
 
 def _lsskd_exits(cfg, ctx):
   del cfg
   kwargs = exits_lib.backbone_exit_kwargs(ctx.model) if ctx.model is not None else {}
   return exits_lib.make_exits("hsakd", ctx.stage_shapes, ctx.output_shapes["features"][-1],
-                              ctx.num_classes, **kwargs)
+                              ctx.num_classes, init=_exits_init(ctx), **kwargs)
 
 
 def _lsskd(cfg, ctx):
