@@ -24,7 +24,9 @@ TEACHER_CHECKPOINTS = ("last", "best")
 # workdir config without the key, or with this value, compares equal (it resumes).
 # A student's config holds its teacher's whole config, where the same holds.
 ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last",
-              ("model", "init"): "flax"}
+              ("model", "init"): "flax", ("data", "crop_fill"): 0,
+              ("data", "rotation_degrees"): 0.0, ("data", "autoaugment"): "none",
+              ("data", "cutout"): 0}
 
 
 class ConfigError(ValueError):
@@ -200,6 +202,30 @@ def check_against_dataset(config, info) -> None:
   if not _is_int(crop) or not -1 <= crop <= side // 2:
     raise ConfigError(f"config.data.crop_padding={crop!r} must be -1 (the dataset's default) or "
                       f"0..{side // 2} (half the {side}-pixel image side)")
+  _check_augmentation(config.data, side, info.image_shape[-1])
+
+
+def _check_augmentation(data, side: int, channels: int) -> None:
+  """The augmentations after crop and flip (`data.augment.augment_batch`); all off by default."""
+  from selfkd_jax.data.augment import AUTOAUGMENT_POLICIES
+  fill = data.get("crop_fill", 0)
+  if not _is_int(fill) or not 0 <= fill <= 255:
+    raise ConfigError(f"config.data.crop_fill={fill!r} must be an integer 0..255 (the pixel "
+                      "value of the random crop's padding, all channels)")
+  degrees = data.get("rotation_degrees", 0.0)
+  if (isinstance(degrees, bool) or not isinstance(degrees, (int, float))
+      or not 0 <= degrees <= 180):
+    raise ConfigError(f"config.data.rotation_degrees={degrees!r} must be a number in [0, 180] "
+                      "(0 = off; the rotation angle is uniform in [-d, d] degrees)")
+  policy = data.get("autoaugment", "none")
+  _allowed("config.data.autoaugment", policy, AUTOAUGMENT_POLICIES)
+  if policy != "none" and channels not in (1, 3):
+    raise ConfigError(f"config.data.autoaugment={policy!r} needs 1- or 3-channel images, the "
+                      f"dataset has {channels}; use 'none'")
+  length = data.get("cutout", 0)
+  if not _is_int(length) or not 0 <= length <= side:
+    raise ConfigError(f"config.data.cutout={length!r} must be an integer 0..{side} (0 = off; "
+                      f"the side in pixels of the square cut out of the {side}-pixel image)")
 
 
 def comparable(config_dict: dict) -> dict:

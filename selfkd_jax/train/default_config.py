@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.augment = True
   config.data.crop_padding = -1      # -1 = the dataset's default
   config.data.flip = -1              # -1 = the dataset's default, 0 = off, 1 = on
+  config.data.crop_fill = 0          # 0..255, the crop's padding value (BYOT's journal code: 128)
+  config.data.rotation_degrees = 0.0  # > 0: random rotation in [-d, d] (Tf-KD, ReffAKD: 15)
+  config.data.autoaugment = "none"   # 'none' or 'cifar10' (AutoAugment policy; BYOT journal)
+  config.data.cutout = 0             # > 0: Cutout square side in pixels (BYOT journal: 16)
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"

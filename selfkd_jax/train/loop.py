@@ -248,10 +248,15 @@ def _log_line(message: str) -> None:
 def _augmentation(data_config, info) -> Augmentation:
   crop = info.crop_padding if data_config.crop_padding < 0 else data_config.crop_padding
   flip = info.flip if data_config.flip < 0 else bool(data_config.flip)
+  extra = {"crop_fill": int(data_config.get("crop_fill", 0)),
+           "rotation_degrees": float(data_config.get("rotation_degrees", 0.0)),
+           "autoaugment": data_config.get("autoaugment", "none"),
+           "cutout": int(data_config.get("cutout", 0))}
   if not data_config.augment:
     crop, flip = 0, False
+    extra.update(rotation_degrees=0.0, autoaugment="none", cutout=0)
   return Augmentation(crop_padding=int(crop), flip=bool(flip), mean=tuple(info.mean),
-                      std=tuple(info.std))
+                      std=tuple(info.std), **extra)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:

@@ -28,15 +28,20 @@ from selfkd_jax.train.state import TrainState
 
 @dataclasses.dataclass(frozen=True)
 class Augmentation:
+  """Training augmentation (`augment_batch`); the defaults of the later fields are off."""
   crop_padding: int
   flip: bool
   mean: tuple[float, ...]
   std: tuple[float, ...]
+  crop_fill: int = 0
+  rotation_degrees: float = 0.0
+  autoaugment: str = "none"
+  cutout: int = 0
 
 
 DROPOUT_BRANCH = 2**31 - 1
 # Partner images (CS-KD) are augmented from their own branch of the run key, so a partner that is
-# also an anchor in the same epoch is cropped and flipped differently.
+# also an anchor in the same epoch is cropped, flipped (rotated, ...) differently.
 PARTNER_BRANCH = 2**31 - 2
 # Padding rows of a refresh pass get this index; per-example tables drop writes beyond their end.
 PADDING_INDEX = 2**31 - 1
@@ -67,7 +72,10 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
   def augment(images, indices, key, epoch):
     return augment_batch(images, indices, key=key, epoch=epoch,
                          crop_padding=augmentation.crop_padding, flip=augmentation.flip,
-                         mean=augmentation.mean, std=augmentation.std)
+                         mean=augmentation.mean, std=augmentation.std,
+                         crop_fill=augmentation.crop_fill,
+                         rotation_degrees=augmentation.rotation_degrees,
+                         autoaugment=augmentation.autoaugment, cutout=augmentation.cutout)
 
   def train_step(state: TrainState, batch, teacher_variables):
     epoch = state.step // steps_per_epoch
