@@ -8,7 +8,7 @@ selfkd_jax side: the jitted train step for method 'pskd', built from the trainer
 `benchmarks/step_time.py` builds it (`parallel.make_runner('shard_map', ...)` on ONE device,
 `models.get_model('preact_resnet18', bn_axis_name='data')`, `method_factory.setup_method`,
 `optim.make_optimizer`, `step.make_train_step`, `runner.init_state` / `compile_train`), with the
-optimizer of `default_config.cifar100_pskd_recipe()` (SGD momentum 0.9 Nesterov, weight decay
+optimizer of `cifar100_recipes.pskd()` (SGD momentum 0.9 Nesterov, weight decay
 5e-4 added to the gradient). The N x C fp32 past-prediction table lives on the device, inside
 the train state. Batches are device-resident uint8 images; the step does crop (pad 4) + flip +
 normalise on the device, as the trainer's does, then forward, PS-KD loss, backward, SGD and the
@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from selfkd_jax.train import default_config, parallel
+from selfkd_jax.train import cifar100_recipes, parallel
 from selfkd_jax.train.step import Augmentation
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # step_time.py, beside this file
@@ -208,7 +208,7 @@ def jax_pskd(*, device, num_examples: int, num_classes: int, batch_size: int,
              seed: int = 0) -> step_time.StepCase:
   """Our PS-KD train step on one device: `step_time.py`'s harness with PS-KD's CIFAR-100 recipe
   (its optimizer and schedule) and the official CIFAR-100 normalisation."""
-  recipe = default_config.cifar100_pskd_recipe()
+  recipe = cifar100_recipes.pskd()
   augmentation = Augmentation(crop_padding=recipe.data.crop_padding, flip=bool(recipe.data.flip),
                               mean=CIFAR100_MEAN, std=CIFAR100_STD)
   return step_time.StepCase(

@@ -3,7 +3,7 @@
 LeNet-5-BN flattens its last feature map into fully connected layers, so it has no per-position
 ("dense") logits to vote with: this config uses the `dense=False` variant of the official code,
 which ranks the classes by the sample's own logits. The dense variant runs on the ResNets and
-WRNs (configs/cifar100/zipf_resnet18.py).
+WRNs (configs/cifar100/zipf_preact_resnet18.py).
 
     python launch.py --config=configs/fashion_mnist/zipf.py --workdir=runs/fmnist_zipf
     python launch.py --config=configs/fashion_mnist/zipf.py:smoke --workdir=/tmp/smoke

@@ -14,7 +14,7 @@ import json
 from typing import Any, Sequence
 
 from selfkd_jax.report.runs import ReportError, Run
-from selfkd_jax.train.workdir_files import RESUMABLE_KEYS
+from selfkd_jax.train.workdir_files import RESUMABLE_KEYS, without_added_defaults
 
 # The seed, and the keys a resume may change.
 IGNORED_KEYS = ("seed", *RESUMABLE_KEYS)
@@ -52,7 +52,8 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 def _comparable(run: Run) -> dict[str, str]:
-  config = {k: v for k, v in run.config.items() if k not in IGNORED_KEYS}
+  # Keys added since older runs were written, at the value those runs had: the same run.
+  config = {k: v for k, v in without_added_defaults(run.config).items() if k not in IGNORED_KEYS}
   teacher = config.pop("teacher", None)
   flat = flatten(config)
   if isinstance(teacher, dict):

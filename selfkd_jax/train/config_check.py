@@ -14,19 +14,13 @@ from selfkd_jax.train import optim
 from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
                                              needs_network_teacher)
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
-                                            RESUMABLE_KEYS, checkpoint_steps)
+                                            RESUMABLE_KEYS, checkpoint_steps,
+                                            without_added_defaults)
 
 PARALLEL_MODES = ("shard_map", "pmap")
 UNBOUNDED_WEIGHTS = ("dkd", "aekt")
 # config.teacher.checkpoint: which of the teacher run's checkpoints distils.
 TEACHER_CHECKPOINTS = ("last", "best")
-# Keys added after runs were already written, with the value that reproduces those runs: a
-# workdir config without the key, or with this value, compares equal (it resumes).
-# A student's config holds its teacher's whole config, where the same holds.
-ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last",
-              ("model", "init"): "flax", ("data", "crop_fill"): 0,
-              ("data", "rotation_degrees"): 0.0, ("data", "autoaugment"): "none",
-              ("data", "cutout"): 0}
 
 
 class ConfigError(ValueError):
@@ -203,6 +197,23 @@ def check_against_dataset(config, info) -> None:
     raise ConfigError(f"config.data.crop_padding={crop!r} must be -1 (the dataset's default) or "
                       f"0..{side // 2} (half the {side}-pixel image side)")
   _check_augmentation(config.data, side, info.image_shape[-1])
+  _check_normalisation(config.data, info.image_shape[-1])
+
+
+def _check_normalisation(data, channels: int) -> None:
+  """`data.mean`/`data.std`: () for the dataset's statistics, else one value per channel."""
+  for key in ("mean", "std"):
+    values = tuple(data.get(key, ()))
+    if not values:
+      continue
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if (len(values) != channels or not numbers
+        or not all((v > 0 if key == "std" else 0 <= v <= 1) for v in values)):
+      allowed = "> 0" if key == "std" else "in [0, 1]"
+      raise ConfigError(f"config.data.{key}={values!r} must be () (the dataset's) or "
+                        f"{channels} numbers {allowed}, one per channel, on the [0, 1] scale")
+  if bool(tuple(data.get("mean", ()))) != bool(tuple(data.get("std", ()))):
+    raise ConfigError("config.data.mean and config.data.std go together: set both or neither")
 
 
 def _check_augmentation(data, side: int, channels: int) -> None:
@@ -235,22 +246,7 @@ def comparable(config_dict: dict) -> dict:
   optimizer = kept.get("optimizer")
   if isinstance(optimizer, dict) and optimizer.get("schedule") != "multistep":
     kept["optimizer"] = {k: v for k, v in optimizer.items() if k != "milestones"}
-  for path, default in ADDED_KEYS.items():
-    kept = _without_default(kept, path, default)
-    kept = _without_default(kept, ("teacher", "config", *path), default)
-  return kept
-
-
-def _without_default(tree: dict, path: tuple[str, ...], default) -> dict:
-  """`tree` without the key at `path` when it holds `default` (a copy; `tree` is unchanged)."""
-  head, *rest = path
-  if not isinstance(tree, dict) or head not in tree:
-    return tree
-  if rest:
-    return {**tree, head: _without_default(tree[head], tuple(rest), default)}
-  if tree[head] == default:
-    return {k: v for k, v in tree.items() if k != head}
-  return tree
+  return without_added_defaults(kept)
 
 
 def check_workdir(config, workdir: str) -> None:

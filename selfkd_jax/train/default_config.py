@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.rotation_degrees = 0.0  # > 0: random rotation in [-d, d] (Tf-KD, ReffAKD: 15)
   config.data.autoaugment = "none"   # 'none' or 'cifar10' (AutoAugment policy; BYOT journal)
   config.data.cutout = 0             # > 0: Cutout square side in pixels (BYOT journal: 16)
+  config.data.mean = ()              # per-channel normalisation on [0, 1]; () = the dataset's
+  config.data.std = ()               # () = the dataset's
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "sgd"
@@ -142,102 +144,6 @@ def fashion_mnist_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 0.05
   config.optimizer.schedule = "cosine"
   config.optimizer.weight_decay = 5e-4
-  _apply_arg(config, arg)
-  return config
-
-
-def cifar100_pskd_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
-  """PS-KD's published CIFAR-100 recipe (Kim et al. 2021, lgcnsai/PS-KD-Pytorch).
-
-  PreAct ResNet-18, 300 epochs, batch 128, SGD momentum 0.9 Nesterov, lr 0.1 x0.1 at epochs 150
-  and 225, weight decay 5e-4, random crop (pad 4) + horizontal flip. Needs CIFAR-100 prepared
-  with TFDS (array_record) under config.data.dir.
-  """
-  config = base_config()
-  config.data.name = "cifar100"
-  config.data.crop_padding = 4
-  config.data.flip = 1
-  config.model.name = "preact_resnet18"
-  config.num_epochs = 300
-  config.batch_size = 128
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.schedule = "multistep"
-  config.optimizer.milestones = (150, 225)
-  config.optimizer.decay_factor = 0.1
-  config.optimizer.weight_decay = 5e-4
-  config.log_every_steps = 100
-  _apply_arg(config, arg)
-  return config
-
-
-def cifar100_tfkd_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Tf-KD's CIFAR-100 recipe (Yuan et al. 2020, yuanli2333/Teacher-free-Knowledge-Distillation).
-
-  ResNet-18 (their CIFAR ResNet-18 = our 'resnet18'), 200 epochs, batch 128, SGD momentum 0.9
-  (no Nesterov), lr 0.1 with a linear warm-up over epoch 0 and x0.2 at epochs 60, 120 and 160,
-  weight decay 5e-4, random crop (pad 4) + horizontal flip (`train_kd.py`, `main.py`,
-  `experiments/base_experiments/base_resnet18/params.json`).
-  """
-  config = cifar100_pskd_recipe(None)
-  config.model.name = "resnet18"
-  config.num_epochs = 200
-  config.optimizer.nesterov = False
-  config.optimizer.milestones = (60, 120, 160)
-  config.optimizer.decay_factor = 0.2
-  config.optimizer.warmup_epochs = 1.0
-  _apply_arg(config, arg)
-  return config
-
-
-def cifar100_zipf_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Zipf's LS CIFAR-100 recipe (Liang et al. 2022, megvii-research/zipfls, PyTorch code).
-
-  CIFAR ResNet-18 (our 'resnet18'), 200 epochs, batch 128, SGD momentum 0.9 (no Nesterov),
-  lr 0.1 divided by 10 at 50% and 75% of training (epochs 100 and 150), weight decay 1e-4
-  (`pytorch_zipfls/train.py` defaults, `utils.adjust_learning_rate`), crop + flip.
-  """
-  config = cifar100_tfkd_recipe(None)
-  config.optimizer.milestones = (100, 150)
-  config.optimizer.decay_factor = 0.1
-  config.optimizer.warmup_epochs = 0.0
-  config.optimizer.weight_decay = 1e-4
-  _apply_arg(config, arg)
-  return config
-
-
-def cifar100_mdistiller_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
-  """mdistiller's CIFAR-100 distillation recipe (Zhao et al. 2022, megvii-research/mdistiller).
-
-  240 epochs, batch 64, SGD momentum 0.9 (no Nesterov), lr 0.05 x0.1 at epochs 150, 180 and
-  210, weight decay 5e-4, crop + flip (`configs/cifar100/dkd/*.yaml`). Student WRN-16-2 (one of
-  mdistiller's students; its teachers are not in our model zoo, see the configs).
-  """
-  config = cifar100_pskd_recipe(None)
-  config.model.name = "wrn16_2"
-  config.num_epochs = 240
-  config.batch_size = 64
-  config.optimizer.learning_rate = 0.05
-  config.optimizer.nesterov = False
-  config.optimizer.milestones = (150, 180, 210)
-  config.optimizer.decay_factor = 0.1
-  config.optimizer.weight_decay = 5e-4
-  _apply_arg(config, arg)
-  return config
-
-
-def cifar100_cskd_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
-  """CS-KD's CIFAR-100 recipe (Yun et al. 2020, alinlab/cs-kd `train.py` defaults).
-
-  CIFAR_ResNet18 (pre-activation blocks = our 'preact_resnet18'), 200 epochs, 128 anchors per
-  step (each with a same-class partner), SGD momentum 0.9 (no Nesterov), lr 0.1 /10 at 50% and
-  75% of training, weight decay 1e-4, crop + flip. (The official loop lowers the rate after the
-  epoch that reaches 50%/75%, one epoch later than our milestones 100/150.)
-  """
-  config = cifar100_pskd_recipe(None)
-  config.num_epochs = 200
-  config.optimizer.nesterov = False
-  config.optimizer.milestones = (100, 150)
-  config.optimizer.weight_decay = 1e-4
   _apply_arg(config, arg)
   return config
 

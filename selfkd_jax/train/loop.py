@@ -255,8 +255,10 @@ def _augmentation(data_config, info) -> Augmentation:
   if not data_config.augment:
     crop, flip = 0, False
     extra.update(rotation_degrees=0.0, autoaugment="none", cutout=0)
-  return Augmentation(crop_padding=int(crop), flip=bool(flip), mean=tuple(info.mean),
-                      std=tuple(info.std), **extra)
+  # A recipe may normalise with its script's constants instead of the dataset's statistics.
+  mean = tuple(data_config.get("mean", ())) or tuple(info.mean)
+  std = tuple(data_config.get("std", ())) or tuple(info.std)
+  return Augmentation(crop_padding=int(crop), flip=bool(flip), mean=mean, std=std, **extra)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:

@@ -11,7 +11,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 def learning_rate_schedule(opt_config, steps_per_epoch: int, num_epochs: int) -> optax.Schedule:
   """The schedule of `opt_config` with milestones given in epochs, converted to steps.
 
-  `warmup_epochs > 0` prepends a linear warm-up from 0 (step-wise, as in most recipes).
+  `warmup_epochs > 0` prepends a step-wise linear warm-up over its W steps: step s (0-based)
+  trains at `learning_rate * (s + 1) / W`, as Tf-KD's `WarmUpLR` (stepped before each update).
   'multistep' multiplies the rate by `decay_factor` at each epoch in `milestones` (PS-KD: 0.1 at
   150 and 225 of 300). 'cosine' decays to 0 over the epochs after the warm-up.
   """
@@ -31,7 +32,7 @@ def learning_rate_schedule(opt_config, steps_per_epoch: int, num_epochs: int) ->
     raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULES)}")
   if warmup_steps == 0:
     return main
-  warmup = optax.linear_schedule(0.0, base, warmup_steps)
+  warmup = optax.linear_schedule(base / warmup_steps, base, warmup_steps - 1)
   return optax.join_schedules([warmup, main], [warmup_steps])
 
 

@@ -40,3 +40,31 @@ class WorkdirError(OSError):
 # another machine.
 RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
                   "keep_checkpoints", "num_devices", "parallel", "published")
+
+# Keys added after runs were already written, with the value that reproduces those runs: a
+# workdir config without the key, or with this value, is the same run (it resumes, and the
+# report groups it with new runs). Values as in config.json (tuples are JSON lists).
+ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last",
+              ("model", "init"): "flax", ("data", "crop_fill"): 0,
+              ("data", "rotation_degrees"): 0.0, ("data", "autoaugment"): "none",
+              ("data", "cutout"): 0, ("data", "mean"): [], ("data", "std"): []}
+
+
+def without_added_defaults(config_dict: dict) -> dict:
+  """`config_dict` (as loaded from config.json) without the `ADDED_KEYS` that hold their
+  default, at the top and in a student's nested teacher config (a copy)."""
+  for path, default in ADDED_KEYS.items():
+    config_dict = _without(config_dict, path, default)
+    config_dict = _without(config_dict, ("teacher", "config", *path), default)
+  return config_dict
+
+
+def _without(tree, path: tuple[str, ...], default):
+  head, *rest = path
+  if not isinstance(tree, dict) or head not in tree:
+    return tree
+  if rest:
+    return {**tree, head: _without(tree[head], tuple(rest), default)}
+  if tree[head] == default:
+    return {k: v for k, v in tree.items() if k != head}
+  return tree
