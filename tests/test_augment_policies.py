@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from PIL import Image, ImageEnhance, ImageOps
 
 from selfkd_jax import data
@@ -22,6 +21,8 @@ from selfkd_jax.data.info import DatasetInfo
 from selfkd_jax.train import config_check
 from selfkd_jax.train.default_config import base_config
 from selfkd_jax.train.loop import _augmentation
+
+from test_data_augment import on_four_devices
 
 OPTIONS = ("crop_padding", "flip", "mean", "std", "crop_fill", "rotation_degrees",
            "autoaugment", "cutout")
@@ -319,13 +320,7 @@ def test_one_and_four_devices_agree_with_every_augmentation():
   per_device = functools.partial(data.augment_batch, key=jax.random.key(3), epoch=2, **RAW,
                                  **ALL_ON)
   single = augment(images, indices, key=jax.random.key(3), epoch=2, **RAW, **ALL_ON)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  spec = PartitionSpec("data")
-  sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec))(
-      jax.device_put(images, NamedSharding(mesh, spec)),
-      jax.device_put(indices, NamedSharding(mesh, spec)))
-  assert len(sharded.sharding.device_set) == 4
-  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
+  np.testing.assert_array_equal(on_four_devices(per_device, images, indices), np.asarray(single))
 
 
 def _info(channels=3):

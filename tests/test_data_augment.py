@@ -60,13 +60,19 @@ def test_one_and_four_devices_agree():
   per_device = functools.partial(data.augment_batch, key=jax.random.key(3), epoch=2,
                                  crop_padding=2, flip=True, mean=MEAN, std=STD)
   single = jax.jit(per_device)(images, indices)
+  np.testing.assert_array_equal(on_four_devices(per_device, images, indices),
+                                np.asarray(single))
+
+
+def on_four_devices(per_device, images, indices) -> np.ndarray:
+  """`per_device(images, indices)` under `shard_map`, the batch split over the 4 test devices."""
   mesh = Mesh(np.array(jax.devices()), ("data",))
   spec = PartitionSpec("data")
   sharded = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec), out_specs=spec))(
       jax.device_put(images, NamedSharding(mesh, spec)),
       jax.device_put(indices, NamedSharding(mesh, spec)))
   assert len(sharded.sharding.device_set) == 4
-  np.testing.assert_array_equal(np.asarray(sharded), np.asarray(single))
+  return np.asarray(sharded)
 
 
 def test_epochs_and_keys_differ():

@@ -79,11 +79,20 @@ def _cifar100(model: str, init: str, mean_std=None) -> ml_collections.ConfigDict
     config.data.mean, config.data.std = mean_std
   config.model.name = model
   config.model.init = init
-  config.batch_size = 128
   config.log_every_steps = 100
   config.optimizer.name = "sgd"
   config.optimizer.momentum = 0.9
   config.optimizer.schedule = "multistep"
+  return config
+
+
+def _sgd(config, *, epochs: int, lr: float, nesterov: bool, weight_decay: float,
+         milestones: tuple[int, ...], decay: float, batch: int = 128, warmup: float = 0.0):
+  """The solver of a script: SGD momentum 0.9, multistep; milestones in 0-based epochs."""
+  config.num_epochs, config.batch_size = epochs, batch
+  opt = config.optimizer
+  opt.learning_rate, opt.nesterov, opt.weight_decay = lr, nesterov, weight_decay
+  opt.milestones, opt.decay_factor, opt.warmup_epochs = milestones, decay, warmup
   return config
 
 
@@ -94,12 +103,8 @@ def pskd(arg: str | None = None) -> ml_collections.ConfigDict:
   and 225, weight decay 5e-4."""
   _, smoke = parse_arg(arg)
   config = _cifar100("preact_resnet18", "pytorch", CIFAR10_MEAN_STD)
-  config.num_epochs = 300
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.nesterov = True
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.milestones = (150, 225)
-  config.optimizer.decay_factor = 0.1
+  _sgd(config, epochs=300, lr=0.1, nesterov=True, weight_decay=5e-4,
+       milestones=(150, 225), decay=0.1)
   return apply_smoke(config, smoke)
 
 
@@ -114,12 +119,8 @@ def cskd(arg: str | None = None) -> ml_collections.ConfigDict:
   """
   _, smoke = parse_arg(arg)
   config = _cifar100("preact_resnet18", "pytorch", CIFAR10_MEAN_STD)
-  config.num_epochs = 200
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 1e-4
-  config.optimizer.milestones = (101, 151)
-  config.optimizer.decay_factor = 0.1
+  _sgd(config, epochs=200, lr=0.1, nesterov=False, weight_decay=1e-4,
+       milestones=(101, 151), decay=0.1)
   return apply_smoke(config, smoke)
 
 
@@ -140,13 +141,8 @@ def tfkd(arg: str | None = None) -> ml_collections.ConfigDict:
   _, smoke = parse_arg(arg)
   config = _cifar100("resnet18", "pytorch", TFKD_MEAN_STD)
   config.data.rotation_degrees = 15.0
-  config.num_epochs = 200
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.milestones = (60, 120, 160)
-  config.optimizer.decay_factor = 0.2
-  config.optimizer.warmup_epochs = 1.0
+  _sgd(config, epochs=200, lr=0.1, nesterov=False, weight_decay=5e-4,
+       milestones=(60, 120, 160), decay=0.2, warmup=1.0)
   return apply_smoke(config, smoke)
 
 
@@ -158,12 +154,8 @@ def reffakd(arg: str | None = None) -> ml_collections.ConfigDict:
   _, smoke = parse_arg(arg)
   config = _cifar100("resnet18", "pytorch")
   config.data.rotation_degrees = 15.0
-  config.num_epochs = 200
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.milestones = (60, 120, 160)
-  config.optimizer.decay_factor = 0.2
+  _sgd(config, epochs=200, lr=0.1, nesterov=False, weight_decay=5e-4,
+       milestones=(60, 120, 160), decay=0.2)
   return apply_smoke(config, smoke)
 
 
@@ -178,12 +170,8 @@ def byot(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.crop_fill = 128
   config.data.autoaugment = "cifar10"
   config.data.cutout = 16
-  config.num_epochs = 250
-  config.optimizer.learning_rate = 0.1
-  config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.milestones = (83, 166, 240)
-  config.optimizer.decay_factor = 0.1
+  _sgd(config, epochs=250, lr=0.1, nesterov=False, weight_decay=5e-4,
+       milestones=(83, 166, 240), decay=0.1)
   return apply_smoke(config, smoke)
 
 
@@ -194,13 +182,8 @@ def mdistiller(model: str, smoke: bool = False) -> ml_collections.ConfigDict:
   (no Nesterov), lr 0.05 x0.1 at epochs 150, 180 and 210 (their 1-based `epoch > stage`),
   weight decay 5e-4."""
   config = _cifar100(model, "kaiming_fan_out", MDISTILLER_MEAN_STD)
-  config.num_epochs = 240
-  config.batch_size = 64
-  config.optimizer.learning_rate = 0.05
-  config.optimizer.nesterov = False
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.milestones = (150, 180, 210)
-  config.optimizer.decay_factor = 0.1
+  _sgd(config, epochs=240, lr=0.05, nesterov=False, weight_decay=5e-4,
+       milestones=(150, 180, 210), decay=0.1, batch=64)
   return apply_smoke(config, smoke)
 
 
@@ -212,13 +195,8 @@ def hsakd(arg: str | None = None) -> ml_collections.ConfigDict:
   HSAKD's own networks."""
   _, smoke = parse_arg(arg)
   config = _cifar100("preact_resnet18", "kaiming_fan_out", MDISTILLER_MEAN_STD)
-  config.num_epochs = 240
-  config.batch_size = 64
-  config.optimizer.learning_rate = 0.05
-  config.optimizer.nesterov = True
-  config.optimizer.weight_decay = 5e-4
-  config.optimizer.milestones = (150, 180, 210)
-  config.optimizer.decay_factor = 0.1
+  _sgd(config, epochs=240, lr=0.05, nesterov=True, weight_decay=5e-4,
+       milestones=(150, 180, 210), decay=0.1, batch=64)
   return apply_smoke(config, smoke)
 
 
