@@ -89,11 +89,13 @@ def _init(model, x, seed=0):
 # The CIFAR-100 distillation benchmark's models (tests/test_kd_zoo_models.py).
 KD_ZOO = ('wrn40_2', 'wrn16_2_nobias', 'resnet20', 'resnet56', 'resnet8x4', 'resnet32x4',
           'vgg8', 'vgg13')
+# ImageNet ResNets (tests/test_imagenet_models.py).
+IMAGENET = ('resnet50', 'resnet152')
 
 
 def test_model_names():
   assert models.MODEL_NAMES == (
-      'mlp', 'lenet5_bn', 'resnet18', 'preact_resnet18', 'wrn16_2', 'wrn28_10') + KD_ZOO
+      'mlp', 'lenet5_bn', 'resnet18', 'preact_resnet18', 'wrn16_2', 'wrn28_10') + KD_ZOO + IMAGENET
 
 
 def test_unknown_model_name():
@@ -101,7 +103,7 @@ def test_unknown_model_name():
     models.get_model('resnet9000', num_classes=10)
   assert str(info.value) == (
       "unknown model 'resnet9000'; allowed: mlp, lenet5_bn, resnet18, "
-      "preact_resnet18, wrn16_2, wrn28_10, " + ", ".join(KD_ZOO))
+      "preact_resnet18, wrn16_2, wrn28_10, " + ", ".join(KD_ZOO + IMAGENET))
 
 
 def test_fixed_architecture_fields_cannot_be_overridden():

@@ -3,6 +3,7 @@
 'classifier'. Build them by name with `get_model`."""
 from selfkd_jax.models.cifar_resnet import RepDistillerResNet
 from selfkd_jax.models.common import INIT_SCHEMES
+from selfkd_jax.models.imagenet_resnet import Bottleneck, BottleneckResNet
 from selfkd_jax.models.lenet import LeNet5BN
 from selfkd_jax.models.mlp import MLP
 from selfkd_jax.models.registry import (COMPUTE_DTYPES, MODEL_NAMES, abstract_model,
@@ -16,5 +17,6 @@ __all__ = [
     'COMPUTE_DTYPES', 'INIT_SCHEMES', 'MODEL_NAMES', 'abstract_model', 'array_shapes',
     'get_model', 'model_from_config', 'output_shapes', 'variable_shapes', 'MLP', 'LeNet5BN',
     'CifarResNet', 'PreActResNet', 'RepDistillerResNet', 'VGG',
-    'WideResNet', 'BasicBlock', 'PreActBlock', 'WideBasicBlock',
+    'WideResNet', 'BottleneckResNet', 'BasicBlock', 'PreActBlock', 'WideBasicBlock',
+    'Bottleneck',
 ]

@@ -7,6 +7,10 @@ checked against their code, parameter counts equal to theirs): 'resnet20', 'resn
 biases, their `wrn_40_2` / `wrn_16_2`). 'wrn16_2' and 'wrn28_10' keep conv biases
 (the meliketoy port's WRN, which configs written before use); hence the suffix of the
 benchmark's bias-free WRN-16-2.
+
+ImageNet: 'resnet50' and 'resnet152' (`BottleneckResNet`, torchvision's resnet50 /
+resnet152 layer for layer; ResNet-152 is PS-KD's ImageNet network, whose official code
+is `init='kaiming_fan_out'`).
 """
 from typing import Any, Callable, Sequence
 
@@ -16,6 +20,7 @@ import jax.numpy as jnp
 
 from selfkd_jax.models.cifar_resnet import RepDistillerResNet
 from selfkd_jax.models.common import INIT_SCHEMES
+from selfkd_jax.models.imagenet_resnet import BottleneckResNet
 from selfkd_jax.models.lenet import LeNet5BN
 from selfkd_jax.models.mlp import MLP
 from selfkd_jax.models.resnet import CifarResNet, PreActResNet
@@ -39,6 +44,9 @@ _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     'resnet32x4': (RepDistillerResNet, {'depth': 32, 'widths': (32, 64, 128, 256)}),
     'vgg8': (VGG, {'stages': VGG_CONFIGS['S']}),
     'vgg13': (VGG, {'stages': VGG_CONFIGS['B']}),
+    # ImageNet (224×224): torchvision's ResNet-50 / ResNet-152, PS-KD's ImageNet network.
+    'resnet50': (BottleneckResNet, {'stage_sizes': (3, 4, 6, 3)}),
+    'resnet152': (BottleneckResNet, {'stage_sizes': (3, 8, 36, 3)}),
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
