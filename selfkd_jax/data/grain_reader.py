@@ -2,13 +2,29 @@
 
 The batch order stays ours (a pure function of seed and step, see `pipeline`): grain only
 runs the reads, on `num_threads` threads a bounded number ahead (and, optionally, in worker
-processes with `mp_prefetch`, for sources whose decoding holds the GIL, e.g. PNG/JPEG images
-of large datasets). Keeping the order outside grain is what makes resume exact without
-checkpointing an iterator.
+processes with `mp_prefetch`, for sources that decode and crop on the host, e.g. the JPEG
+images of `tfds_source.EncodedImageSource`). Keeping the order outside grain is what makes
+resume exact without checkpointing an iterator.
+
+With worker processes, worker k of W reads the keys k, k + W, k + 2W, ... (grain's slicing of
+the key list) and grain hands the results back in key order, so the sequence is the same
+whatever W is. Each worker reads one batch at a time and keeps at most two more ready (its
+read-ahead and its queue), so host memory holds a few batches per worker. The workers ignore SIGINT and SIGTERM (a Ctrl-C or
+preemption notice to the process group reaches the trainer, which stops the reads itself
+after saving) and exit by themselves when the process that started them dies.
 """
+import gc
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import threading
 from typing import Callable, Generic, Sequence, TypeVar
 
 import grain
+import numpy as np
+
+from selfkd_jax.data.errors import DataError
 
 K = TypeVar("K")
 T = TypeVar("T")
@@ -40,11 +56,18 @@ class GrainReader(Generic[T]):
     if num_processes < 0:
       raise ValueError(f"num_processes must be >= 0, got {num_processes}")
     self._length = len(keys)
+    self._num_processes = num_processes
+    if num_processes:
+      # In each worker: one read at a time, one result ahead (memory: ~2 batches a worker).
+      num_threads, buffer_size = 1, 1
     dataset = grain.MapDataset.source(list(keys)).map(read).to_iter_dataset(
         grain.ReadOptions(num_threads=num_threads,
                           prefetch_buffer_size=max(1, buffer_size or 2 * num_threads)))
     if num_processes:
-      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_processes))
+      _mark_flags_parsed()
+      dataset = dataset.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=num_processes, per_worker_buffer_size=1),
+          worker_init_fn=_init_worker)
     self._iterator = iter(dataset)
     self._remaining = self._length
     self._closed = False
@@ -56,13 +79,30 @@ class GrainReader(Generic[T]):
     if self._closed or not self._remaining:
       self.close()
       raise StopIteration
+    error = None
     try:
       value = next(self._iterator)
-    except BaseException:  # the end, or a failed read re-raised here: stop grain either way
+    except DataError as e:  # a read's one-line error (a corrupt image, ...)
+      error = e
+    except RuntimeError as e:
+      if self._num_processes and "Worker process" in str(e):  # killed (OOM, a signal), crashed
+        error = DataError(f"an input worker process died ({str(e).splitlines()[0]}); rerun the "
+                          "same command to resume, with fewer config.data.workers if memory "
+                          "ran out")
+      else:
+        self.close()
+        raise
+    except BaseException:  # the end, or another failed read re-raised here: stop grain
       self.close()
       raise
+    if error is not None:
+      # Raised without grain's frames: they hold the last results (shared memory that could
+      # then not be unlinked before exit); the message says all there is to say.
+      error.__traceback__ = None
+      self.close()
+      raise error
     self._remaining -= 1
-    return value
+    return _own_memory(value) if self._num_processes else value
 
   def __len__(self) -> int:
     return self._length
@@ -74,12 +114,63 @@ class GrainReader(Generic[T]):
       close = getattr(self._iterator, "close", None)
       if close is not None:
         close()
+      # Dropped now, while the interpreter is whole: grain's iterators close themselves again
+      # when collected, which fails noisily during interpreter shutdown.
+      self._iterator = None
+      if self._num_processes:
+        # grain's iterators keep the last result in a reference cycle: collected now, its
+        # shared-memory block is unlinked now, not reported leaked at exit.
+        gc.collect()
 
   def __enter__(self) -> "GrainReader[T]":
     return self
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _own_memory(value):
+  """`value` with its arrays copied out of grain's shared memory into ordinary arrays.
+
+  A worker's result arrives in shared-memory blocks that are unlinked when their array is
+  collected. Held by the consumer (a batch in flight, a traceback) until interpreter shutdown,
+  they would be collected too late to unlink: "leaked shared_memory objects" warnings and
+  blocks left in /dev/shm. One copy per batch releases them at once.
+  """
+  if isinstance(value, dict):
+    return {key: _own_memory(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return type(value)(_own_memory(item) for item in value)
+  if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+    return np.array(value)
+  return value
+
+
+def _mark_flags_parsed() -> None:
+  """grain's worker processes read absl flags (with their defaults): outside an absl program
+  (tests, notebooks, a user's own script) nothing has parsed them yet."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def _init_worker(worker_index: int, worker_count: int) -> None:
+  """Runs first in every grain worker process."""
+  del worker_index, worker_count
+  # The trainer handles SIGINT/SIGTERM (checkpoint, then stop) and closes the reader, which
+  # stops the workers; a signal sent to the whole process group must not kill them first.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  parent = multiprocessing.parent_process()
+  if parent is not None:
+    # grain has no parent-death check: without this, a SIGKILLed or crashed trainer would leave
+    # its workers waiting on a queue forever. The sentinel becomes ready when the parent dies.
+    def exit_with_parent():
+      multiprocessing.connection.wait([parent.sentinel])
+      os._exit(1)  # pylint: disable=protected-access
+
+    threading.Thread(target=exit_with_parent, daemon=True, name="selfkd-parent-watch").start()
 
 
 def uses_grain(reader: str, source) -> bool:
@@ -91,6 +182,7 @@ def uses_grain(reader: str, source) -> bool:
   if reader not in READERS:
     raise ValueError(f"reader={reader!r} is not allowed; allowed: {', '.join(READERS)}")
   if reader == "auto":
-    from selfkd_jax.data.tfds_source import TfdsSource  # pylint: disable=g-import-not-at-top
-    return isinstance(source, TfdsSource)
+    from selfkd_jax.data.tfds_source import (  # pylint: disable=g-import-not-at-top
+        EncodedImageSource, TfdsSource)
+    return isinstance(source, (TfdsSource, EncodedImageSource))
   return reader == "grain"

@@ -18,6 +18,8 @@ class DatasetInfo:
     std: per-channel standard deviation on the [0, 1] scale.
     flip: whether a random horizontal flip is a label-preserving augmentation here.
     crop_padding: default zero padding of the random crop, 0 for no crop.
+    variable_size: the dataset's own images vary in size; they are decoded and cropped to
+      `image_shape` on the host (`tfds_source.EncodedImageSource`).
   """
   name: str
   num_classes: int
@@ -28,6 +30,7 @@ class DatasetInfo:
   std: tuple[float, ...]
   flip: bool
   crop_padding: int
+  variable_size: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,15 @@ KNOWN_DEFAULTS: dict[str, Defaults] = {
     "cifar100": Defaults(mean=(0.5071, 0.4865, 0.4409), std=(0.2673, 0.2564, 0.2762),
                          flip=True, crop_padding=4),
 }
+
+
+# ImageNet's train statistics as torchvision's reference scripts normalise with them; the
+# default of every variable-size (natural image) dataset without its own entry above. The
+# random horizontal flip of the same recipe; its crop is the host's random-resized crop, so no
+# padded crop on the device.
+IMAGENET_DEFAULTS = Defaults(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), flip=True,
+                             crop_padding=0)
+KNOWN_DEFAULTS["imagenet2012"] = IMAGENET_DEFAULTS
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

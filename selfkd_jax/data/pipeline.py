@@ -4,9 +4,15 @@ Order is a pure function of (seed, step): the batch of global step `s` is slice
 `s % steps_per_epoch` of the permutation of epoch `s // steps_per_epoch`. Every host computes
 the same global batch and reads only its contiguous slice, and resuming at any step reproduces
 the uninterrupted run exactly, with no iterator state to checkpoint.
+
+Sources that transform examples on the host (`tfds_source.EncodedImageSource`: decode, random
+crop) have a `get_train_batch(indices, seed=, epoch=, partners_from=)` whose randomness is a
+function of (seed, epoch, index); train batches are read through it, with the epoch of the
+step. Their reads can run in grain worker processes (`num_processes`).
 """
 import collections
 import functools
+import os
 from typing import Iterable, Iterator
 
 import jax
@@ -60,6 +66,29 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return _shared_permutation(int(seed), int(epoch), int(num_examples)).copy()
 
 
+def num_processes_for(workers: int, source, reader: str = "auto") -> int:
+  """Resolves `config.data.workers` for `source`: the grain worker processes to read it with.
+
+  Only sources that transform on the host (`get_train_batch`: decoding, cropping) read by grain
+  get any; every other source is read as before, in this process. -1 = min(cores - 1, 16)
+  (the cores this process may run on), 0 = none.
+  """
+  if not hasattr(source, "get_train_batch") or not uses_grain(reader, source):
+    return 0
+  if workers >= 0:
+    return workers
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(0, min((cores or 1) - 1, 16))
+
+
+def _read_train(source, indices: np.ndarray, seed: int, epoch: int,
+                partners_from: int | None = None) -> Batch:
+  get_train_batch = getattr(source, "get_train_batch", None)
+  if get_train_batch is None:
+    return source.get_batch(indices)
+  return get_train_batch(indices, seed=seed, epoch=epoch, partners_from=partners_from)
+
+
 def train_batch_indices(seed: int, step: int, num_examples: int,
                         global_batch_size: int) -> np.ndarray:
   """Dataset indices [global_batch_size] of the global batch at `step` (random access)."""
@@ -82,10 +111,15 @@ def _host_slice(global_batch_size: int, process_index: int, process_count: int) 
 
 
 def _reader(read, keys: range, *, source, reader: str, num_workers: int,
-            buffer_size: int | None):
-  """Reads `read(key)` for `keys` in order on background threads, ours or grain's."""
+            buffer_size: int | None, num_processes: int = 0):
+  """Reads `read(key)` for `keys` in order on background threads, ours or grain's, or in
+  grain's worker processes."""
   if uses_grain(reader, source):
-    return GrainReader(read, keys, num_threads=num_workers, buffer_size=buffer_size)
+    return GrainReader(read, keys, num_threads=num_workers, buffer_size=buffer_size,
+                       num_processes=num_processes)
+  if num_processes:
+    raise DataError(f"num_processes={num_processes} needs the grain reader, but reader="
+                    f"{reader!r} reads on threads; use reader 'auto' or 'grain', or 0 processes")
   return OrderedReader((functools.partial(read, k) for k in keys), num_workers=num_workers,
                        buffer_size=buffer_size, length=len(keys))
 
@@ -107,7 +141,7 @@ class TrainBatches:
   def __init__(self, source, *, seed: int, global_batch_size: int, start_step: int,
                num_steps: int, process_index: int = 0, process_count: int = 1,
                num_workers: int = 2, buffer_size: int | None = None, reader: str = "auto",
-               partners: "SameClassPartners | bool" = False):
+               partners: "SameClassPartners | bool" = False, num_processes: int = 0):
     """Starts reading.
 
     Args:
@@ -128,9 +162,12 @@ class TrainBatches:
         `SameClassPartners` built for this source (to choose its seed or `exclude_self`, or to
         share one across iterators). The global batch still has `global_batch_size` anchors;
         the partners double the images read.
+      num_processes: grain worker processes running the reads (with their host transforms);
+        0 = read in this process. Needs the grain reader. The batches are the same for any
+        number.
     """
     num_examples = len(source)
-    steps_per_epoch(num_examples, global_batch_size)  # Fail here, not in a worker thread.
+    spe = steps_per_epoch(num_examples, global_batch_size)  # Fail here, not in a worker.
     if not 0 <= start_step <= num_steps:
       raise DataError(f"start_step {start_step} must lie in [0, num_steps={num_steps}]")
     host = _host_slice(global_batch_size, process_index, process_count)
@@ -149,16 +186,18 @@ class TrainBatches:
     def read(step: int) -> Batch:
       indices = train_batch_indices(seed, step, num_examples, global_batch_size)[host]
       if partners is None:
-        return source.get_batch(indices)
+        return _read_train(source, indices, seed, step // spe)
       # One read of anchors and partners together, split afterwards.
-      both = source.get_batch(np.concatenate([indices, partners.partners(indices, step)]))
+      both = _read_train(source, np.concatenate([indices, partners.partners(indices, step)]),
+                         seed, step // spe, partners_from=len(indices))
       b = len(indices)
       batch = {key: value[:b] for key, value in both.items()}
       batch.update({f"partner_{key}": value[b:] for key, value in both.items()})
       return batch
 
     self._reader = _reader(read, range(start_step, num_steps), source=source, reader=reader,
-                           num_workers=num_workers, buffer_size=buffer_size)
+                           num_workers=num_workers, buffer_size=buffer_size,
+                           num_processes=num_processes)
 
   def __iter__(self) -> "TrainBatches":
     return self
@@ -180,7 +219,8 @@ class TrainBatches:
 
 
 def eval_batches(source, *, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1, num_workers: int = 2, reader: str = "auto"):
+                 process_count: int = 1, num_workers: int = 2, reader: str = "auto",
+                 num_processes: int = 0):
   """Host-local batches covering the split once, in order, with a padding mask.
 
   The global batches are consecutive runs of indices; the last is padded to full size so
@@ -188,8 +228,11 @@ def eval_batches(source, *, global_batch_size: int, process_index: int = 0,
   label 0 and index 0. Metrics weighted by 'mask' therefore count each example exactly once,
   whatever the number of devices and hosts.
 
+  Host-transforming sources give their eval view here (`get_batch`: resize, centre crop).
+
   Returns:
-    A reader (iterable, closeable, with len; `reader` as in `TrainBatches`) of
+    A reader (iterable, closeable, with len; `reader` and `num_processes` as in
+    `TrainBatches`) of
     `{'image', 'label', 'index', 'mask'}` (mask float32 [b], 1 real, 0 padding).
   """
   num_examples = len(source)
@@ -211,7 +254,7 @@ def eval_batches(source, *, global_batch_size: int, process_index: int = 0,
     return batch
 
   return _reader(read, range(num_batches), source=source, reader=reader,
-                 num_workers=num_workers, buffer_size=None)
+                 num_workers=num_workers, buffer_size=None, num_processes=num_processes)
 
 
 def prefetch_to_device(iterator: Iterable[Batch], sharding: jax.sharding.Sharding,

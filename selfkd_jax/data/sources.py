@@ -13,14 +13,16 @@ from selfkd_jax.data import tfds_source
 from selfkd_jax.data.array_source import ArraySource
 from selfkd_jax.data.errors import DataError
 from selfkd_jax.data.info import DATASET_NAMES, DatasetInfo
-from selfkd_jax.data.tfds_source import TfdsSource
+from selfkd_jax.data.tfds_source import EncodedImageSource, ImageSizeError, TfdsSource
 
-__all__ = ["ArraySource", "DATASET_NAMES", "DatasetInfo", "TfdsSource", "load_splits"]
+__all__ = ["ArraySource", "DATASET_NAMES", "DatasetInfo", "EncodedImageSource", "ImageSizeError",
+           "TfdsSource", "load_splits"]
 
 
 def load_splits(name: str, *, data_dir: str | None = None, limit_train: int | None = None,
                 synthetic_shape: Sequence[int] = (32, 32, 3), synthetic_classes: int = 100,
-                synthetic_train: int = 2048, synthetic_test: int = 512, synthetic_seed: int = 0):
+                synthetic_train: int = 2048, synthetic_test: int = 512, synthetic_seed: int = 0,
+                image_size: int = 0, resize_size: int = 0):
   """Loads the train and test splits of a dataset.
 
   Datasets:
@@ -32,8 +34,10 @@ def load_splits(name: str, *, data_dir: str | None = None, limit_train: int | No
     * 'digits': scikit-learn's bundled 8x8 digits, a fixed 1497/300 split, no augmentation.
     * 'synthetic': generated learnable images (see `local.load_synthetic`), sized by the
       `synthetic_*` arguments, which every other dataset ignores.
-    * any other name: a fixed-size image dataset prepared by TFDS in array_record format under
-      `data_dir` (TFDS's default when None). Nothing is ever downloaded.
+    * any other name: an image dataset prepared by TFDS in array_record format under
+      `data_dir` (TFDS's default when None). Nothing is ever downloaded. Fixed-size images are
+      read as they are; variable-size ones (imagenet2012, imagenette, ...) are decoded and
+      cropped per example on the host to `image_size` (`tfds_source.EncodedImageSource`).
 
   Args:
     name: the dataset name.
@@ -45,11 +49,16 @@ def load_splits(name: str, *, data_dir: str | None = None, limit_train: int | No
     synthetic_train: number of synthetic train examples.
     synthetic_test: number of synthetic test examples.
     synthetic_seed: seed of the synthetic data.
+    image_size: side of the square images of a variable-size dataset (required there; must be
+      0 for every fixed-size dataset).
+    resize_size: the eval resize of a variable-size dataset's shorter side (0 = image_size /
+      0.875, rounded); must be 0 for fixed-size datasets.
 
   Returns:
     (train source, test source, DatasetInfo); `info.num_train` counts the kept train examples.
 
   Raises:
+    ImageSizeError: `image_size`/`resize_size` do not fit the dataset (a configuration error).
     DataError: with a one-line message saying what is missing or wrong and what to do.
   """
   if limit_train is not None and limit_train < 1:
@@ -72,7 +81,13 @@ def load_splits(name: str, *, data_dir: str | None = None, limit_train: int | No
                       "({train,t10k}-{images-idx3,labels-idx1}-ubyte.gz) in config.data.dir"
                       ) from None
   else:
-    train, test, info = tfds_source.load_tfds(name, data_dir)
+    train, test, info = tfds_source.load_tfds(name, data_dir, image_size=image_size,
+                                              resize_size=resize_size)
+  if not info.variable_size and (image_size or resize_size):
+    key, value = ("image_size", image_size) if image_size else ("resize_size", resize_size)
+    shape = "x".join(map(str, info.image_shape))
+    raise ImageSizeError(f"config.data.{key}={value} applies to variable-size datasets only; "
+                         f"{name!r} has fixed-size {shape} images: use 0")
   if limit_train is not None and limit_train < len(train):
     train = train.take(limit_train)
     info = dataclasses.replace(info, num_train=len(train))

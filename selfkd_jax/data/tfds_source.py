@@ -1,4 +1,9 @@
-"""Fixed-size image datasets prepared by TFDS in array_record format, read without TensorFlow.
+"""Image datasets prepared by TFDS in array_record format, read without TensorFlow.
+
+Fixed-size datasets (every image H x W x C, e.g. cifar100) are read as they are (`TfdsSource`).
+Variable-size ones (an image feature of shape (None, None, C): imagenet2012, imagenette, most
+natural-image datasets) are read as encoded bytes and decoded, cropped and resized per example
+on the host to `image_size` x `image_size` RGB (`EncodedImageSource`, `image_transforms`).
 
 Nothing here downloads: the prepared dataset is looked up on disk first, and TFDS is only ever
 asked for a data source over files that already exist. Without network, TFDS's own download
@@ -6,9 +11,11 @@ path would retry for minutes before failing.
 """
 import numpy as np
 
+from selfkd_jax.data import image_transforms
 from selfkd_jax.data.array_source import check_indices
 from selfkd_jax.data.errors import DataError
-from selfkd_jax.data.info import DATASET_NAMES, KNOWN_DEFAULTS, DatasetInfo, channel_stats
+from selfkd_jax.data.info import (DATASET_NAMES, IMAGENET_DEFAULTS, KNOWN_DEFAULTS, DatasetInfo,
+                                  channel_stats)
 
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
@@ -73,6 +80,119 @@ class TfdsSource:
     return TfdsSource(self._data_source, length=min(n, self._length), name=self._name)
 
 
+class ImageSizeError(DataError):
+  """`image_size`/`resize_size` do not fit the dataset: a configuration error (the trainer
+  reports it as one, exit 2)."""
+
+
+class EncodedImageSource:
+  """Variable-size images of a TFDS split, decoded and cropped per example on the host.
+
+  `get_batch` (evaluation, refresh passes) gives the deterministic eval view: shorter side
+  resized to `resize_size`, centre crop `image_size`. `get_train_batch` gives the train view:
+  a random-resized crop drawn from (seed, epoch, index) (`image_transforms.crop_rng`), the same
+  whichever host, thread or worker process reads it. Both return
+  `{'image': uint8 [n, image_size, image_size, 3], 'label': int32 [n], 'index': int32 [n]}`.
+
+  Encoded images (a `tfds.features.Image`) are read as their bytes (TFDS's `SkipDecoding`) and
+  decoded by PIL; raw variable-size tensors are read as arrays. Nothing but the batch being
+  read is held in memory. The source pickles (the grain worker processes get a copy).
+  """
+
+  def __init__(self, data_source, *, image_size: int, resize_size: int, name: str,
+               split: str, encoded: bool = True, length: int | None = None):
+    """Wraps a TFDS data source.
+
+    Args:
+      data_source: what `builder.as_data_source` returns (with `SkipDecoding` on 'image' when
+        `encoded`).
+      image_size: side of the square output images.
+      resize_size: the eval resize of the shorter side (>= image_size).
+      name: names the dataset in error messages.
+      split: names the split in error messages.
+      encoded: records hold encoded bytes (True) or decoded uint8 arrays (False).
+      length: expose only the first `length` examples (all when None).
+    """
+    if image_size < 1 or resize_size < image_size:
+      raise DataError(f"dataset {name!r}: image_size must be >= 1 and resize_size >= "
+                      f"image_size, got image_size={image_size}, resize_size={resize_size}")
+    self._data_source = data_source
+    self._length = len(data_source) if length is None else min(length, len(data_source))
+    self.image_size, self.resize_size = int(image_size), int(resize_size)
+    self._name, self._split, self._encoded = name, split, encoded
+    self._labels = None
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _image(self, record, index: int):
+    """The example's RGB PIL image, or a DataError naming the split and the example."""
+    value = record[IMAGE_KEY]
+    try:
+      if self._encoded:
+        return image_transforms.decode_rgb(bytes(value))
+      return image_transforms.array_to_rgb(np.asarray(value))
+    except image_transforms.UndecodableImage as e:
+      raise DataError(f"dataset {self._name!r}, split {self._split!r}: example {index} is not "
+                      f"a decodable image ({e}); re-encode or drop it and rebuild the "
+                      "dataset") from None
+
+  def _read(self, indices, transform) -> dict[str, np.ndarray]:
+    indices = check_indices(indices, len(self))
+    records = self._data_source.__getitems__([int(i) for i in indices])
+    size = self.image_size
+    images = np.empty((len(indices), size, size, 3), np.uint8)
+    for row, (record, i) in enumerate(zip(records, indices)):
+      images[row] = transform(row, int(i), self._image(record, int(i)))
+    return {"image": images,
+            "label": np.array([record[LABEL_KEY] for record in records], np.int32),
+            "index": indices.astype(np.int32)}
+
+  def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """The eval view of the examples at `indices`: resize, centre crop."""
+    return self._read(indices, lambda row, i, image: image_transforms.eval_transform(
+        image, self.image_size, self.resize_size))
+
+  def get_train_batch(self, indices: np.ndarray, *, seed: int, epoch: int,
+                      partners_from: int | None = None) -> dict[str, np.ndarray]:
+    """The train view of the examples at `indices`: each a random-resized crop drawn from
+    (seed, epoch, index); rows from `partners_from` on (same-class partners) draw from their
+    own branch."""
+    start = len(indices) if partners_from is None else partners_from
+
+    def crop(row, i, image):
+      branch = (image_transforms.CROP_BRANCH if row < start
+                else image_transforms.PARTNER_CROP_BRANCH)
+      rng = image_transforms.crop_rng(seed, epoch, i, branch)
+      return image_transforms.train_transform(image, self.image_size, rng)
+
+    return self._read(indices, crop)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    batch = self.get_batch(np.array([index]))
+    return {key: value[0] for key, value in batch.items()}
+
+  @property
+  def labels(self) -> np.ndarray:
+    """Every label, int32 [len]; read once on first use (each record once, images not
+    decoded), for same-class partners."""
+    if self._labels is None:
+      chunks = []
+      for start in range(0, len(self), 4096):
+        records = self._data_source.__getitems__(list(range(start, min(start + 4096,
+                                                                       len(self)))))
+        chunks.append(np.array([record[LABEL_KEY] for record in records], np.int32))
+      self._labels = np.concatenate(chunks) if chunks else np.zeros((0,), np.int32)
+    return self._labels
+
+  def take(self, n: int) -> "EncodedImageSource":
+    """Returns a source over the first `n` examples; their indices stay 0..n-1."""
+    return EncodedImageSource(self._data_source, image_size=self.image_size,
+                              resize_size=self.resize_size, name=self._name,
+                              split=self._split, encoded=self._encoded,
+                              length=min(n, self._length))
+
+
 def _not_prepared(name: str, where: str, data_dir: str | None) -> DataError:
   target = data_dir or "~/tensorflow_datasets"
   return DataError(
@@ -100,7 +220,11 @@ def _builder(name: str, data_dir: str | None):
   return builder
 
 
-def _check_features(name: str, builder) -> tuple[tuple[int, int, int], int]:
+def _check_features(name: str, builder) -> tuple[tuple, int, bool]:
+  """(image shape, with None for a variable side; number of classes; whether the images are
+  stored encoded, i.e. a `tfds.features.Image`)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   features = builder.info.features
   keys = sorted(features.keys())
   for key in (IMAGE_KEY, LABEL_KEY):
@@ -110,19 +234,20 @@ def _check_features(name: str, builder) -> tuple[tuple[int, int, int], int]:
   shape = tuple(features[IMAGE_KEY].shape)
   if len(shape) == 2:
     shape = shape + (1,)
-  if len(shape) != 3 or any(s is None for s in shape):
-    raise DataError(f"dataset {name!r} has variable-size images {shape}; only fixed-size "
-                    "datasets are supported (resize it into a fixed-size TFDS dataset first)")
+  if len(shape) != 3 or shape[-1] is None:
+    raise DataError(f"dataset {name!r} has images of shape {shape}; only [height, width, "
+                    "channels] images with a fixed number of channels are supported")
   num_classes = getattr(features[LABEL_KEY], "num_classes", None)
   if not num_classes:
     raise DataError(f"dataset {name!r}: feature {LABEL_KEY!r} is not a ClassLabel, so the "
                     "number of classes is unknown; only classification datasets are supported")
-  return shape, int(num_classes)
+  return shape, int(num_classes), isinstance(features[IMAGE_KEY], tfds.features.Image)
 
 
-def _data_source(name: str, builder, split: str, data_dir: str | None) -> TfdsSource:
+def _data_source(name: str, builder, split: str, data_dir: str | None, decoders=None):
+  """TFDS's random-access source of one split (`decoders` as `as_data_source` takes them)."""
   try:
-    source = builder.as_data_source(split=split)
+    return builder.as_data_source(split=split, decoders=decoders)
   except NotImplementedError as e:  # Prepared as tfrecord: no random access.
     raise DataError(f"dataset {name!r} under {builder.data_dir} is not in array_record format "
                     f"({_first_line(e)}); rebuild it with `tfds build {name} "
@@ -131,34 +256,71 @@ def _data_source(name: str, builder, split: str, data_dir: str | None) -> TfdsSo
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"cannot read split {split!r} of dataset {name!r} under "
                     f"{builder.data_dir} ({_first_line(e)}); rebuild the dataset") from None
-  return TfdsSource(source, name=name)
 
 
-def load_tfds(name: str, data_dir: str | None = None):
-  """Opens the train and test splits of a prepared, fixed-size TFDS image dataset.
+def load_tfds(name: str, data_dir: str | None = None, *, image_size: int = 0,
+              resize_size: int = 0):
+  """Opens the train and test splits of a prepared TFDS image classification dataset.
+
+  A fixed-size dataset is read as it is (`TfdsSource`). A variable-size one (an image side of
+  None in the feature spec) is read through `EncodedImageSource`: every image decoded and
+  cropped to `image_size` x `image_size` RGB on the host, a random-resized crop for training
+  and resize + centre crop for evaluation.
 
   Args:
     name: a TFDS name, optionally with config/version (e.g. 'cifar100', 'cifar10:3.0.2').
     data_dir: the TFDS data dir; None means TFDS's default (~/tensorflow_datasets or
       $TFDS_DATA_DIR).
+    image_size: the side of the square images of a variable-size dataset (required there);
+      0 for fixed-size datasets.
+    resize_size: the eval resize of the shorter side of a variable-size dataset; 0 =
+      `image_transforms.default_resize_size(image_size)` (224 -> 256).
 
   Returns:
-    (train TfdsSource, test TfdsSource, DatasetInfo). The test split is 'test', or
-    'validation' for datasets without one.
+    (train source, test source, DatasetInfo). The test split is 'test', or 'validation' for
+    datasets without one.
 
   Raises:
+    ImageSizeError: a variable-size dataset without image_size (or resize_size < image_size).
     DataError: unknown name, dataset not prepared (raised at once, without network), not in
-      array_record format, or not a fixed-size image classification dataset.
+      array_record format, or not an image classification dataset.
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   builder = _builder(name, data_dir)
-  image_shape, num_classes = _check_features(name, builder)
+  image_shape, num_classes, encoded = _check_features(name, builder)
+  variable = image_shape[0] is None or image_shape[1] is None
+  if variable:
+    resize_size = resize_size or image_transforms.default_resize_size(max(image_size, 1))
+    if image_size < 1:
+      raise ImageSizeError(
+          f"config.data.image_size={image_size} but dataset {name!r} has variable-size images "
+          f"{image_shape}; set config.data.image_size to the side of the square images to "
+          "train on (e.g. 224)")
+    if resize_size < image_size:
+      raise ImageSizeError(f"config.data.resize_size={resize_size} is smaller than "
+                           f"config.data.image_size={image_size}; use 0 (= image_size / "
+                           f"{image_transforms.CROP_FRACTION}) or a size >= image_size")
   splits = builder.info.splits
   test_split = next((s for s in ("test", "validation") if s in splits), None)
   if "train" not in splits or test_split is None:
     raise DataError(f"dataset {name!r} has splits {sorted(splits.keys())}, but a 'train' and a "
                     "'test' or 'validation' split are needed")
-  train = _data_source(name, builder, "train", data_dir)
-  test = _data_source(name, builder, test_split, data_dir)
+  if variable:
+    decoders = {IMAGE_KEY: tfds.decode.SkipDecoding()} if encoded else None
+    train, test = (EncodedImageSource(
+        _data_source(name, builder, split, data_dir, decoders), image_size=image_size,
+        resize_size=resize_size, name=name, split=split, encoded=encoded)
+                   for split in ("train", test_split))
+    # Natural images of any size: ImageNet's statistics (torchvision's reference recipe) unless
+    # the dataset has its own, and the random flip of the same recipe.
+    defaults = KNOWN_DEFAULTS.get(builder.name, IMAGENET_DEFAULTS)
+    return train, test, DatasetInfo(
+        name=name, num_classes=num_classes, image_shape=(image_size, image_size, 3),
+        num_train=len(train), num_test=len(test), mean=defaults.mean, std=defaults.std,
+        flip=defaults.flip, crop_padding=defaults.crop_padding, variable_size=True)
+  train = TfdsSource(_data_source(name, builder, "train", data_dir), name=name)
+  test = TfdsSource(_data_source(name, builder, test_split, data_dir), name=name)
   defaults = KNOWN_DEFAULTS.get(builder.name)
   if defaults is not None:
     mean, std, flip, crop_padding = (defaults.mean, defaults.std, defaults.flip,

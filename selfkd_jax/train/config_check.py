@@ -95,6 +95,7 @@ def check_config(config, num_devices: int) -> None:
     raise ConfigError(f"config.data.name={config.data.name!r} is not a known dataset; allowed: "
                       f"{', '.join(DATASET_NAMES)} or a TFDS dataset name (e.g. cifar100)")
   _allowed("config.data.reader", config.data.get("reader", "auto"), READERS)
+  _check_host_images(config.data)
   if config.data.limit_train < 0:
     raise ConfigError(f"config.data.limit_train={config.data.limit_train} must be >= 0 "
                       "(0 = the whole training set)")
@@ -107,6 +108,32 @@ def check_config(config, num_devices: int) -> None:
   if config.get("keep_checkpoints", 2) < 1:
     raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1 (a run "
                       "keeps at least its latest checkpoint)")
+
+
+MAX_WORKERS = 256
+
+
+def _check_host_images(data) -> None:
+  """The keys of variable-size datasets (decoded and cropped on the host); whether the
+  dataset is one is checked when it is opened."""
+  size, resize = data.get("image_size", 0), data.get("resize_size", 0)
+  workers = data.get("workers", -1)
+  if not _is_int(size) or size < 0:
+    raise ConfigError(f"config.data.image_size={size!r} must be an integer >= 0 (0 = a "
+                      "fixed-size dataset's own size; variable-size datasets need the side of "
+                      "their square images, e.g. 224)")
+  if not _is_int(resize) or resize < 0 or (resize and resize < size):
+    raise ConfigError(f"config.data.resize_size={resize!r} must be 0 (= image_size / 0.875) or "
+                      f"an integer >= config.data.image_size ({size})")
+  if resize and not size:
+    raise ConfigError(f"config.data.resize_size={resize} needs config.data.image_size > 0 "
+                      "(both apply to variable-size datasets only)")
+  if not _is_int(workers) or not -1 <= workers <= MAX_WORKERS:
+    raise ConfigError(f"config.data.workers={workers!r} must be -1 (auto: min(cores - 1, 16)), "
+                      f"0 (decode in the main process) or 1..{MAX_WORKERS} worker processes")
+  if workers > 0 and data.get("reader", "auto") == "threads":
+    raise ConfigError(f"config.data.workers={workers} needs config.data.reader 'auto' or "
+                      "'grain' (the workers are grain's processes); use -1 or 0 with 'threads'")
 
 
 def _is_int(value) -> bool:

@@ -108,10 +108,18 @@ class Experiment:
     self.devices = select_devices(config)
     config_check.check_config(config, len(self.devices))
 
-    self.train_source, self.test_source, self.info = data_lib.load_splits(
-        config.data.name, data_dir=config.data.dir or None,
-        limit_train=config.data.limit_train or None)
+    try:
+      self.train_source, self.test_source, self.info = data_lib.load_splits(
+          config.data.name, data_dir=config.data.dir or None,
+          limit_train=config.data.limit_train or None,
+          image_size=config.data.get("image_size", 0),
+          resize_size=config.data.get("resize_size", 0))
+    except data_lib.ImageSizeError as e:  # image_size missing or not for this dataset
+      raise config_check.ConfigError(str(e)) from None
     config_check.check_against_dataset(config, self.info)
+    # Grain worker processes for sources that decode and crop on the host (0 for the others).
+    self.num_processes = data_lib.num_processes_for(
+        config.data.get("workers", -1), self.train_source, config.data.get("reader", "auto"))
     self.num_train = len(self.train_source)
     self.num_classes = self.info.num_classes
     self.steps_per_epoch = data_lib.steps_per_epoch(self.num_train, config.batch_size)
@@ -213,7 +221,8 @@ class Experiment:
     batches = data_lib.eval_batches(source, global_batch_size=self.eval_batch_size(),
                                     reader=self.config.data.get("reader", "auto"),
                                     process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_count=jax.process_count(),
+                                    num_processes=self.num_processes)
     return parallel.prefetch(batches, self.runner.put_batch)
 
   def evaluate(self, state) -> dict[str, float]:
@@ -349,7 +358,7 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
       experiment.train_source, seed=config.seed, global_batch_size=config.batch_size,
       start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
       process_count=jax.process_count(), reader=config.data.get("reader", "auto"),
-      partners=needs_partners(config.method))
+      partners=needs_partners(config.method), num_processes=experiment.num_processes)
   device_batches = parallel.prefetch(iter(batches), runner.put_batch)
   progress = _progress_bar(total_steps, start_step, config)
   last_values = None

@@ -47,7 +47,8 @@ RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
 ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last",
               ("model", "init"): "flax", ("data", "crop_fill"): 0,
               ("data", "rotation_degrees"): 0.0, ("data", "autoaugment"): "none",
-              ("data", "cutout"): 0, ("data", "mean"): [], ("data", "std"): []}
+              ("data", "cutout"): 0, ("data", "mean"): [], ("data", "std"): [],
+              ("data", "image_size"): 0, ("data", "resize_size"): 0, ("data", "workers"): -1}
 
 
 def without_added_defaults(config_dict: dict) -> dict:
