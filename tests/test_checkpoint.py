@@ -137,8 +137,35 @@ def test_a_save_reads_back_only_what_it_wrote(tmp_path, monkeypatch):
   hashed = []
   original = checkpoint_lib.step_checksums
   monkeypatch.setattr(checkpoint_lib, "step_checksums",
-                      lambda d: hashed.append(os.path.basename(d)) or original(d))
+                      lambda d, *share: hashed.append(os.path.basename(d)) or original(d, *share))
   checkpointer, _ = _saved(tmp_path, steps=(1, 2, 3, 4, 5), keep=2)
   assert hashed == ["1", "2", "3", "4", "5"]
   assert checkpointer.steps() == [5, 4]
+  checkpointer.close()
+
+
+def test_processes_hash_disjoint_shares_that_cover_every_file(tmp_path):
+  """n processes read a checkpoint once between them (the 2-process run in
+  test_multiprocess.py flips a byte that only process 1 hashes)."""
+  from selfkd_jax.train import checkpoint as checkpoint_lib
+  checkpointer, _ = _saved(tmp_path, steps=(1,), keep=2)
+  step_dir = os.path.join(checkpointer.directory, "1")
+  whole = checkpoint_lib.step_checksums(step_dir)
+  assert len(whole) >= 3 and list(whole) == checkpoint_lib.step_files(step_dir)
+  shares = [checkpoint_lib.step_checksums(step_dir, (i, 3)) for i in range(3)]
+  assert sum(len(share) for share in shares) == len(whole)
+  assert {name: value for share in shares for name, value in share.items()} == whole
+  # A flipped byte is found by the share that holds its file, and only there; a wrong size or a
+  # missing file by every share.
+  victim = max(shares[2], key=lambda name: shares[2][name][0])  # sizes are in the checksums
+  with open(os.path.join(step_dir, victim), "r+b") as f:
+    byte = f.read(1)
+    f.seek(0)
+    f.write(bytes([byte[0] ^ 1]))
+  found = [checkpointer.verify(1, (i, 3)) for i in range(3)]
+  assert found[:2] == [None, None]
+  assert found[2] == f"{victim} does not match its checksum (changed on disk)"
+  with open(os.path.join(step_dir, victim), "ab") as f:
+    f.write(b"x")
+  assert all("bytes, " in checkpointer.verify(1, (i, 3)) for i in range(3))
   checkpointer.close()

@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import roundoff
+from selfkd_jax.train import checkpoint as checkpoint_lib
 from selfkd_jax.train import cluster
 from selfkd_jax.train.config_check import ConfigError
 
@@ -126,6 +127,27 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, one_pr
   # Each process wrote its own checkpoint shards.
   step_dir = os.path.join(workdir, "checkpoints", "64", "default")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir))
+
+  # Each process hashes its share of a checkpoint's files (checkpoint.step_checksums): a byte
+  # flipped in a file only process 1 reads must still make both skip the step. The rerun resumes
+  # from step 60 and replaces step 64 with the same bits.
+  files = checkpoint_lib.step_files(os.path.dirname(step_dir))
+  victim = max(files[1::2], key=lambda name: os.path.getsize(
+      os.path.join(os.path.dirname(step_dir), name)))
+  with open(os.path.join(os.path.dirname(step_dir), victim), "r+b") as f:
+    f.seek(os.path.getsize(f.name) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  os.remove(os.path.join(workdir, "results.json"))
+  codes, outputs = finish(start_processes(workdir, 2, 2, *MLP_FLAGS))
+  assert codes == [0, 0], [err[-2000:] for _, err in outputs]
+  assert (f"Skipping checkpoint 64: {victim} does not match its checksum" in outputs[0][0]
+          and "Resuming from step 60" in outputs[0][0]), outputs[0][0]
+  step_c, leaves_c = final_leaves(workdir)
+  assert step_c == step_a
+  for a, c in zip(leaves_a, leaves_c):
+    np.testing.assert_array_equal(a, c)
 
 
 def test_sigterm_to_one_process_stops_both_at_the_same_step_then_resumes_exactly(

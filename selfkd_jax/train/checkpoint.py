@@ -36,7 +36,9 @@ import threading
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from selfkd_jax.train.run_log import write_json_atomic
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CHECKSUM_DIR, WorkdirError,
@@ -53,18 +55,42 @@ class CheckpointSaveError(WorkdirError):
   """A save failed (a full disk, a quota, an I/O error); the older checkpoints are untouched."""
 
 
-def step_checksums(step_dir: str) -> dict[str, list]:
-  """`{relative path: [size, sha256]}` of every file under `step_dir`."""
+def step_files(step_dir: str) -> list[str]:
+  """The relative paths of every file under `step_dir`, sorted (the same list on every host)."""
+  return sorted(os.path.relpath(os.path.join(root, name), step_dir)
+                for root, _, names in os.walk(step_dir) for name in names)
+
+
+def step_checksums(step_dir: str, share: tuple[int, int] = (0, 1)) -> dict[str, list]:
+  """`{relative path: [size, sha256]}` of the files under `step_dir`.
+
+  `share=(i, n)`: only every n-th file of `step_files`, from the i-th: process i of n hashes its
+  share, so that n processes read a checkpoint once between them, not n times.
+  """
+  index, count = share
   files = {}
-  for root, _, names in os.walk(step_dir):
-    for name in sorted(names):
-      path = os.path.join(root, name)
-      digest = hashlib.sha256()
-      with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-          digest.update(chunk)
-      files[os.path.relpath(path, step_dir)] = [os.path.getsize(path), digest.hexdigest()]
+  for name in step_files(step_dir)[index::count]:
+    path = os.path.join(step_dir, name)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(_CHUNK), b""):
+        digest.update(chunk)
+    files[name] = [os.path.getsize(path), digest.hexdigest()]
   return files
+
+
+def _share() -> tuple[int, int]:
+  return jax.process_index(), jax.process_count()
+
+
+def _allgather_json(value) -> list:
+  """`value` (JSON-able) of every process, in process order; a collective of all processes."""
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64)))
+  padded = np.zeros(max(int(sizes.max()), 1), np.uint8)
+  padded[:data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, sizes.ravel())]
 
 
 def error_summary(error: Exception, limit: int = 300) -> str:
@@ -153,8 +179,12 @@ class Checkpointer:
     steps = self.steps()
     return steps[0] if steps else None
 
-  def verify(self, step: int) -> str | None:
-    """None when `step`'s files match their recorded checksums, else why not (one line)."""
+  def verify(self, step: int, share: tuple[int, int] = (0, 1)) -> str | None:
+    """None when `step`'s files match their recorded checksums, else why not (one line).
+
+    `share`: hash only this share of the files (`step_checksums`); sizes and missing files are
+    checked for all. `verify_together` combines the shares of every process.
+    """
     path = self._record_path(step)
     if not os.path.exists(path):
       return "no checksum record (the run stopped before recording one)"
@@ -163,22 +193,43 @@ class Checkpointer:
         recorded = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
       return f"unreadable checksum record {path} ({e})"
-    actual = step_checksums(self._step_dir(step))
-    missing = sorted(set(recorded) - set(actual))
+    step_dir = self._step_dir(step)
+    present = set(step_files(step_dir))
+    missing = sorted(set(recorded) - present)
     if missing:
       return f"missing file {missing[0]}"
-    for name, (size, digest) in sorted(recorded.items()):
-      if actual[name][0] != size:
-        return f"{name} has {actual[name][0]} bytes, {size} were written"
-      if actual[name][1] != digest:
+    for name, (size, _) in sorted(recorded.items()):
+      actual_size = os.path.getsize(os.path.join(step_dir, name))
+      if actual_size != size:
+        return f"{name} has {actual_size} bytes, {size} were written"
+    for name, (_, digest) in sorted(step_checksums(step_dir, share).items()):
+      if name in recorded and recorded[name][1] != digest:
         return f"{name} does not match its checksum (changed on disk)"
     return None
 
+  def verify_together(self, step: int) -> str | None:
+    """`verify` by every process at once, each hashing its share of the files; the same answer
+    on every process. A collective: every process must call it."""
+    if jax.process_count() == 1:
+      return self.verify(step)
+    problems = _allgather_json(self.verify(step, _share()))
+    return next((problem for problem in problems if problem is not None), None)
+
   def _record(self, step: int) -> None:
+    """Writes `step`'s checksum record; every process hashes its share of the files (a
+    collective when there are several), process 0 writes."""
+    step_dir = self._step_dir(step)
+    if jax.process_count() == 1:
+      files = step_checksums(step_dir)
+    else:
+      multihost_utils.sync_global_devices(f"checkpoint {step} complete")  # all files in place
+      files = {}
+      for share in _allgather_json(step_checksums(step_dir, _share())):
+        files.update(share)
     if jax.process_index() == 0:
       os.makedirs(self.checksum_directory, exist_ok=True)
-      write_json_atomic(self._record_path(step),
-                        {"step": step, "files": step_checksums(self._step_dir(step))})
+      write_json_atomic(self._record_path(step), {"step": step, "files": dict(sorted(
+          files.items()))})
     self._verified.add(step)
 
   def _delete(self, step: int) -> None:
@@ -189,12 +240,14 @@ class Checkpointer:
 
   def save(self, step: int, state) -> None:
     if step in self.steps():
-      if self.verify(step) is None:
+      if self.verify_together(step) is None:
         return
       # A leftover of this step that never verified (a run stopped before recording its
       # checksum): replace it.
       if jax.process_index() == 0:
         self._delete(step)
+      if jax.process_count() > 1:  # nobody saves before the leftover is gone
+          multihost_utils.sync_global_devices(f"checkpoint {step} leftover deleted")
       self._manager.reload()
     try:
       with _background_failures_reported_once():
@@ -251,7 +304,7 @@ class Checkpointer:
             else ocp.args.StandardRestore(abstract_state))
     for step in self.steps():
       unrecorded = not os.path.exists(self._record_path(step))
-      problem = None if unrecorded else self.verify(step)
+      problem = None if unrecorded else self.verify_together(step)
       if problem is None:
         try:
           if adapt is None:
