@@ -367,34 +367,35 @@ def final_state(workdir):
   return jax.tree.map(np.asarray, state)
 
 
-# One device reading through a grain worker process; the reference of the resume test.
-ONE_DEVICE = ("--config.num_devices=1", "--config.data.workers=1")
+# Four devices reading through a grain worker process: the reference of the resume test.
+FOUR_DEVICES = ("--config.num_devices=4", "--config.data.workers=1")
 
 
 @pytest.fixture(scope="module")
-def one_device_run(config_file, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("one") / "run")
-  result = launch(workdir, config_file, *ONE_DEVICE)
+def four_device_run(config_file, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("four") / "run")
+  result = launch(workdir, config_file, *FOUR_DEVICES)
   assert result.returncode == 0, result.stderr
   return workdir
 
 
 @pytest.mark.cross_device
-def test_launch_on_one_and_four_devices(one_device_run, config_file, tmp_path):
+def test_four_devices_with_a_worker_equal_one_device_in_process(four_device_run, data_dir,
+                                                                tmp_path):
   import roundoff  # pylint: disable=g-import-not-at-top
-  # Four devices reading in the main process: the same batches, only the float sums differ.
-  four = str(tmp_path / "four")
-  result = launch(four, config_file, "--config.num_devices=4", "--config.data.workers=0")
-  assert result.returncode == 0, result.stderr
-  state_1, state_4 = final_state(one_device_run), final_state(four)
+  from selfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  # One device, the reads in this process (the same program as launch.py runs): the same
+  # batches, so only the order of the float sums differs.
+  config = jpeg_config(data_dir, workers=0)
+  config.num_devices = 1
+  results_1 = loop.train_and_evaluate(config, str(tmp_path / "one"))
+  state_1, state_4 = final_state(str(tmp_path / "one")), final_state(four_device_run)
   assert int(state_1["step"]) == int(state_4["step"]) == 2 * (NUM_TRAIN // 16)
   assert state_4["method_state"]["past_predictions"]["rows"].shape == (NUM_TRAIN, NUM_CLASSES)
   roundoff.assert_trees_close_to_scale(state_4, state_1, roundoff.RUN_RTOL)
-  with open(os.path.join(one_device_run, "results.json")) as f:
-    results_1 = json.load(f)
-  with open(os.path.join(four, "results.json")) as f:
+  with open(os.path.join(four_device_run, "results.json")) as f:
     results_4 = json.load(f)
-  assert results_1["dataset"] == "selfkd_jpeg_tiny" and results_4["num_devices"] == 4
+  assert results_4["dataset"] == "selfkd_jpeg_tiny" and results_4["num_devices"] == 4
   assert abs(results_1["test_top1"] - results_4["test_top1"]) <= 1 / NUM_TEST
 
 
@@ -415,9 +416,9 @@ def _running(pid) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
-def test_sigkill_then_resume_equals_uninterrupted_run(one_device_run, config_file, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted_run(four_device_run, config_file, tmp_path):
   workdir = str(tmp_path / "killed")
-  process = subprocess.Popen(_command(workdir, config_file, *ONE_DEVICE), cwd=REPO, env=_env(),
+  process = subprocess.Popen(_command(workdir, config_file, *FOUR_DEVICES), cwd=REPO, env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   checkpoints = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 240
@@ -438,10 +439,10 @@ def test_sigkill_then_resume_equals_uninterrupted_run(one_device_run, config_fil
     time.sleep(0.1)
   assert not any(_running(pid) for pid in children)
 
-  resumed = launch(workdir, config_file, *ONE_DEVICE)
+  resumed = launch(workdir, config_file, *FOUR_DEVICES)
   assert resumed.returncode == 0, resumed.stderr
   assert "Resuming from step" in resumed.stdout
-  reference, again = final_state(one_device_run), final_state(workdir)
+  reference, again = final_state(four_device_run), final_state(workdir)
   import jax  # pylint: disable=g-import-not-at-top
   for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(again)):
     np.testing.assert_array_equal(a, b)
@@ -451,8 +452,8 @@ def test_corrupt_jpeg_exits_1_with_one_line(data_dir, tmp_path):
   path = tmp_path / "corrupt.py"
   path.write_text(CONFIG_FILE.format(tests=TESTS, data_dir=data_dir))
   bad = raw_images("selfkd_jpeg_corrupt", data_dir).index(b"\xff\xd8 not a JPEG")
-  result = launch(str(tmp_path / "run"), str(path), *ONE_DEVICE,
-                  "--config.data.name=selfkd_jpeg_corrupt")
+  result = launch(str(tmp_path / "run"), str(path), "--config.num_devices=1",
+                  "--config.data.workers=1", "--config.data.name=selfkd_jpeg_corrupt")
   assert result.returncode == 1, result.stderr
   lines = result.stderr.strip().splitlines()
   assert lines[-1] == (

@@ -96,31 +96,58 @@ class EncodedImageSource:
 
   Encoded images (a `tfds.features.Image`) are read as their bytes (TFDS's `SkipDecoding`) and
   decoded by PIL; raw variable-size tensors are read as arrays. Nothing but the batch being
-  read is held in memory. The source pickles (the grain worker processes get a copy).
+  read is held in memory.
+
+  The source pickles as what it reads (the prepared dataset's directory and the split), and a
+  copy (a grain worker process) opens the files again with `tfds.builder_from_directory`: no
+  builder class travels, so a dataset whose builder is defined in a `__main__` script, or not
+  importable at all, is read the same way.
   """
 
-  def __init__(self, data_source, *, image_size: int, resize_size: int, name: str,
-               split: str, encoded: bool = True, length: int | None = None):
-    """Wraps a TFDS data source.
+  def __init__(self, builder_dir: str, *, split: str, image_size: int, resize_size: int,
+               name: str, encoded: bool = True, length: int | None = None, data_source=None):
+    """Reads one split of a prepared dataset.
 
     Args:
-      data_source: what `builder.as_data_source` returns (with `SkipDecoding` on 'image' when
-        `encoded`).
+      builder_dir: the prepared dataset's directory (`builder.data_dir`: <data_dir>/<name>/
+        [<config>/]<version>).
+      split: the split to read; also names it in error messages.
       image_size: side of the square output images.
       resize_size: the eval resize of the shorter side (>= image_size).
       name: names the dataset in error messages.
-      split: names the split in error messages.
       encoded: records hold encoded bytes (True) or decoded uint8 arrays (False).
       length: expose only the first `length` examples (all when None).
+      data_source: the split's TFDS data source when already open (else opened here).
     """
     if image_size < 1 or resize_size < image_size:
       raise DataError(f"dataset {name!r}: image_size must be >= 1 and resize_size >= "
                       f"image_size, got image_size={image_size}, resize_size={resize_size}")
-    self._data_source = data_source
-    self._length = len(data_source) if length is None else min(length, len(data_source))
+    self._builder_dir, self._split, self._encoded = str(builder_dir), split, encoded
+    self._data_source = data_source if data_source is not None else self._open()
+    self._length = (len(self._data_source) if length is None
+                    else min(length, len(self._data_source)))
     self.image_size, self.resize_size = int(image_size), int(resize_size)
-    self._name, self._split, self._encoded = name, split, encoded
+    self._name = name
     self._labels = None
+
+  def _open(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+    decoders = {IMAGE_KEY: tfds.decode.SkipDecoding()} if self._encoded else None
+    try:
+      builder = tfds.builder_from_directory(self._builder_dir)
+      return builder.as_data_source(split=self._split, decoders=decoders)
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f"cannot open split {self._split!r} of the dataset in "
+                      f"{self._builder_dir} ({_first_line(e)}); check that it is still there "
+                      "and readable") from None
+
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k != "_data_source"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._data_source = self._open()
 
   def __len__(self) -> int:
     return self._length
@@ -187,10 +214,10 @@ class EncodedImageSource:
 
   def take(self, n: int) -> "EncodedImageSource":
     """Returns a source over the first `n` examples; their indices stay 0..n-1."""
-    return EncodedImageSource(self._data_source, image_size=self.image_size,
+    return EncodedImageSource(self._builder_dir, split=self._split, image_size=self.image_size,
                               resize_size=self.resize_size, name=self._name,
-                              split=self._split, encoded=self._encoded,
-                              length=min(n, self._length))
+                              encoded=self._encoded, length=min(n, self._length),
+                              data_source=self._data_source)
 
 
 def _not_prepared(name: str, where: str, data_dir: str | None) -> DataError:
@@ -309,8 +336,9 @@ def load_tfds(name: str, data_dir: str | None = None, *, image_size: int = 0,
   if variable:
     decoders = {IMAGE_KEY: tfds.decode.SkipDecoding()} if encoded else None
     train, test = (EncodedImageSource(
-        _data_source(name, builder, split, data_dir, decoders), image_size=image_size,
-        resize_size=resize_size, name=name, split=split, encoded=encoded)
+        str(builder.data_dir), split=split, image_size=image_size, resize_size=resize_size,
+        name=name, encoded=encoded,
+        data_source=_data_source(name, builder, split, data_dir, decoders))
                    for split in ("train", test_split))
     # Natural images of any size: ImageNet's statistics (torchvision's reference recipe) unless
     # the dataset has its own, and the random flip of the same recipe.
