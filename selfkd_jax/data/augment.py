@@ -7,7 +7,8 @@ on the device-local slice: it needs nothing but the examples' own indices.
 
 Per example, in the order of the official torchvision pipelines (`Compose` order):
 random crop (padding filled with `crop_fill`) -> horizontal flip -> random rotation
-(`geometry`) -> AutoAugment (`autoaugment`) -> Cutout -> normalisation. Crop and flip draw from
+(`geometry`) -> AutoAugment (`autoaugment`) -> Cutout -> colour jitter and lighting (`color`, on
+the [0, 1] float image) -> normalisation. Crop and flip draw from
 the same keys whether or not the later steps are on, so turning those on changes nothing else.
 """
 from typing import Sequence
@@ -16,12 +17,15 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax.data import autoaugment as autoaugment_lib
+from selfkd_jax.data import color
 from selfkd_jax.data import geometry
 
 AUTOAUGMENT_POLICIES = ("none",) + tuple(autoaugment_lib.POLICIES)
 # Rotation, AutoAugment and Cutout draw from the example key folded with this, away from the
 # crop and flip keys (which `split` the example key itself, as before these existed).
 _EXTRA_BRANCH = 0x5E1F
+# Colour jitter and lighting (ImageNet recipes) draw from their own branch too.
+_COLOR_BRANCH = 0xC010
 
 
 def normalize(images: jax.Array, mean: Sequence[float], std: Sequence[float]) -> jax.Array:
@@ -77,7 +81,8 @@ def _augment_one(image: jax.Array, key: jax.Array, crop_padding: int, flip: bool
 def augment_batch(images: jax.Array, indices: jax.Array, *, key: jax.Array, epoch,
                   crop_padding: int, flip: bool, mean: Sequence[float],
                   std: Sequence[float], crop_fill: int = 0, rotation_degrees: float = 0.0,
-                  autoaugment: str = "none", cutout: int = 0) -> jax.Array:
+                  autoaugment: str = "none", cutout: int = 0, color_jitter: float = 0.0,
+                  lighting: float = 0.0) -> jax.Array:
   """Random crop, horizontal flip, and optionally rotation, AutoAugment and Cutout, then
   `normalize`.
 
@@ -96,6 +101,11 @@ def augment_batch(images: jax.Array, indices: jax.Array, *, key: jax.Array, epoc
       (torchvision's RandomRotation(d): NEAREST, about the centre, 0 outside). 0 disables it.
     autoaugment: static; "none" or a policy of `autoaugment.POLICIES` ("cifar10").
     cutout: static; > 0 blacks out a square of this side (clipped at the border). 0 disables it.
+    color_jitter: static; > 0 applies brightness, contrast and saturation jitter of this
+      strength in a random order, on the [0, 1] image before normalising (`color`; PS-KD's
+      ImageNet recipe: 0.4). 0 disables it.
+    lighting: static; > 0 adds AlexNet's PCA lighting noise with this standard deviation
+      (`color`; PS-KD's ImageNet recipe: 0.1). 0 disables it.
 
   Returns:
     float32 [B, H, W, C]. With crop_padding=0, flip=False and the others off it equals
@@ -118,4 +128,13 @@ def augment_batch(images: jax.Array, indices: jax.Array, *, key: jax.Array, epoc
   augmented = jax.vmap(lambda image, k: _augment_one(
       image, k, crop_padding, bool(flip), crop_fill, rotation_degrees, autoaugment, cutout))(
           jnp.asarray(images), example_keys)
-  return normalize(augmented, mean, std)
+  color_jitter, lighting = float(color_jitter), float(lighting)
+  if not (color_jitter >= 0 and lighting >= 0):
+    raise ValueError(f"color_jitter and lighting must be >= 0, got {color_jitter}, {lighting}")
+  if color_jitter == 0 and lighting == 0:
+    return normalize(augmented, mean, std)
+  # Colour works on the [0, 1] float image, after the geometric steps, before normalising.
+  scaled = jax.vmap(lambda image, k: color.color_augment(
+      image.astype(jnp.float32) / 255.0, jax.random.fold_in(k, _COLOR_BRANCH), color_jitter,
+      lighting))(augmented, example_keys)
+  return (scaled - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

@@ -260,6 +260,13 @@ def _check_augmentation(data, side: int, channels: int) -> None:
   if policy != "none" and channels not in (1, 3):
     raise ConfigError(f"config.data.autoaugment={policy!r} needs 1- or 3-channel images, the "
                       f"dataset has {channels}; use 'none'")
+  for key in ("color_jitter", "lighting"):
+    value = data.get(key, 0.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+      raise ConfigError(f"config.data.{key}={value!r} must be a number in [0, 1] (0 = off)")
+    if value and channels != 3:
+      raise ConfigError(f"config.data.{key}={value!r} needs RGB images, the dataset has "
+                        f"{channels} channel(s); use 0")
   length = data.get("cutout", 0)
   if not _is_int(length) or not 0 <= length <= side:
     raise ConfigError(f"config.data.cutout={length!r} must be an integer 0..{side} (0 = off; "

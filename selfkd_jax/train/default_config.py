@@ -50,6 +50,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.rotation_degrees = 0.0  # > 0: random rotation in [-d, d] (Tf-KD, ReffAKD: 15)
   config.data.autoaugment = "none"   # 'none' or 'cifar10' (AutoAugment policy; BYOT journal)
   config.data.cutout = 0             # > 0: Cutout square side in pixels (BYOT journal: 16)
+  config.data.color_jitter = 0.0     # > 0: brightness/contrast/saturation jitter (PS-KD: 0.4)
+  config.data.lighting = 0.0         # > 0: AlexNet PCA lighting noise std (PS-KD ImageNet: 0.1)
   config.data.mean = ()              # per-channel normalisation on [0, 1]; () = the dataset's
   config.data.std = ()               # () = the dataset's
 

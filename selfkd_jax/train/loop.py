@@ -260,10 +260,13 @@ def _augmentation(data_config, info) -> Augmentation:
   extra = {"crop_fill": int(data_config.get("crop_fill", 0)),
            "rotation_degrees": float(data_config.get("rotation_degrees", 0.0)),
            "autoaugment": data_config.get("autoaugment", "none"),
-           "cutout": int(data_config.get("cutout", 0))}
+           "cutout": int(data_config.get("cutout", 0)),
+           "color_jitter": float(data_config.get("color_jitter", 0.0)),
+           "lighting": float(data_config.get("lighting", 0.0))}
   if not data_config.augment:
     crop, flip = 0, False
-    extra.update(rotation_degrees=0.0, autoaugment="none", cutout=0)
+    extra.update(rotation_degrees=0.0, autoaugment="none", cutout=0, color_jitter=0.0,
+                 lighting=0.0)
   # A recipe may normalise with its script's constants instead of the dataset's statistics.
   mean = tuple(data_config.get("mean", ())) or tuple(info.mean)
   std = tuple(data_config.get("std", ())) or tuple(info.std)

@@ -37,6 +37,8 @@ class Augmentation:
   rotation_degrees: float = 0.0
   autoaugment: str = "none"
   cutout: int = 0
+  color_jitter: float = 0.0
+  lighting: float = 0.0
 
 
 DROPOUT_BRANCH = 2**31 - 1
@@ -75,7 +77,9 @@ def make_train_step(*, model, tx: optax.GradientTransformation, method: Method,
                          mean=augmentation.mean, std=augmentation.std,
                          crop_fill=augmentation.crop_fill,
                          rotation_degrees=augmentation.rotation_degrees,
-                         autoaugment=augmentation.autoaugment, cutout=augmentation.cutout)
+                         autoaugment=augmentation.autoaugment, cutout=augmentation.cutout,
+                         color_jitter=augmentation.color_jitter,
+                         lighting=augmentation.lighting)
 
   def train_step(state: TrainState, batch, teacher_variables):
     epoch = state.step // steps_per_epoch

@@ -48,7 +48,8 @@ ADDED_KEYS = {("keep_best_checkpoint",): False, ("teacher", "checkpoint"): "last
               ("model", "init"): "flax", ("data", "crop_fill"): 0,
               ("data", "rotation_degrees"): 0.0, ("data", "autoaugment"): "none",
               ("data", "cutout"): 0, ("data", "mean"): [], ("data", "std"): [],
-              ("data", "image_size"): 0, ("data", "resize_size"): 0, ("data", "workers"): -1}
+              ("data", "image_size"): 0, ("data", "resize_size"): 0, ("data", "workers"): -1,
+              ("data", "color_jitter"): 0.0, ("data", "lighting"): 0.0}
 
 
 def without_added_defaults(config_dict: dict) -> dict:
