@@ -249,3 +249,29 @@ def test_a_recipe_normalises_with_its_scripts_constants():
     bad.data.mean, bad.data.std = mean, std
     with pytest.raises(ConfigError, match=message):
       config_check.check_against_dataset(bad, info)
+
+
+@pytest.mark.parametrize("method, error", [("ce", 22.19), ("ls", 21.73), ("pskd", 21.41)])
+def test_imagenet_recipe_is_pskd_official_pipeline(method, error):
+  """PS-KD's loader/custom_dataloader.py ImageNet branch: RandomResizedCrop(224), flip,
+  ColorJitter(0.4, 0.4, 0.4), Lighting(0.1), ImageNet normalisation; Resize(256) +
+  CenterCrop(224) for evaluation; its ImageNet ResNet with fan-out init."""
+  path = os.path.join(REPO, "configs", "imagenet", f"{method}.py")
+  spec = importlib.util.spec_from_file_location("imagenet_under_test", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for arg, model in ((None, "resnet152"), ("resnet50", "resnet50"), ("resnet50,smoke", "resnet50")):
+    config = module.get_config(arg)
+    config_check.check_config(config, num_devices=1)
+    data = config.data
+    smoke = arg is not None and "smoke" in arg
+    assert (data.name, data.image_size, data.resize_size) == (
+        ("imagenet2012", 64, 73) if smoke else ("imagenet2012", 224, 256))
+    assert (data.crop_padding, data.flip, data.color_jitter, data.lighting) == (0, 1, 0.4, 0.1)
+    assert (tuple(data.mean), tuple(data.std)) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert (config.model.name, config.model.init, config.method.name) == (
+        model, "kaiming_fan_out", method)
+    assert ("published" in config) == (model == "resnet152")
+  assert module.get_config().published.top1 == round(100 - error, 2)
+  assert solver(module.get_config()) == (90, 256, "sgd", 0.1, 0.9, False, 1e-4, "multistep",
+                                         (30, 60), 0.1, 0.0)
