@@ -234,6 +234,45 @@ def test_worker_processes_and_hosts_read_the_same_batches(splits):
   np.testing.assert_array_equal(first["image"], expected)
 
 
+def slow_square(key):
+  time.sleep(0.05)
+  return {"value": np.full((4,), key * key)}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads /proc")
+def test_workers_survive_stop_signals_from_birth():
+  """A Ctrl-C or preemption notice goes to the whole process group: the trainer handles it
+  (checkpoint, then stop), so a worker must not die of it, not even while it is starting."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.data.grain_reader import GrainReader  # pylint: disable=g-import-not-at-top
+  signalled, done = set(), threading.Event()
+
+  def signal_new_workers():  # SIGINT and SIGTERM to every grain worker, as soon as it exists
+    while not done.is_set():
+      for pid in _children(os.getpid()):
+        try:
+          with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"--multiprocessing-fork" not in f.read():
+              continue  # multiprocessing's resource tracker
+          for signum in (signal.SIGINT, signal.SIGTERM):
+            os.kill(pid, signum)
+          signalled.add(pid)
+        except (FileNotFoundError, ProcessLookupError):
+          pass
+      time.sleep(0.01)
+
+  thread = threading.Thread(target=signal_new_workers, daemon=True)
+  thread.start()
+  try:
+    with GrainReader(slow_square, range(12), num_processes=1) as reader:
+      values = [int(batch["value"][0]) for batch in reader]
+  finally:
+    done.set()
+    thread.join()
+  assert signalled, "no worker process was seen"
+  assert values == [k * k for k in range(12)]
+
+
 def test_grayscale_and_cmyk_jpegs_become_rgb(splits, data_dir):
   train, _, _ = splits
   raw = raw_images("selfkd_jpeg_tiny", data_dir)
@@ -307,7 +346,7 @@ def test_new_keys_leave_old_runs_comparable():
   assert config_check.comparable(changed) != config_check.comparable(old)
 
 
-# -- launch.py end to end ----------------------------------------------------------------------------
+# -- launch.py end to end ------------------------------------------------------------------------
 
 def jpeg_config(data_dir, **data_overrides):
   from selfkd_jax.train.default_config import method_config  # pylint: disable=g-import-not-at-top
@@ -402,8 +441,11 @@ def test_four_devices_with_a_worker_equal_one_device_in_process(four_device_run,
 def _children(pid) -> set[int]:
   found = set()
   for task in os.listdir(f"/proc/{pid}/task"):
-    with open(f"/proc/{pid}/task/{task}/children") as f:
-      found.update(int(child) for child in f.read().split())
+    try:
+      with open(f"/proc/{pid}/task/{task}/children") as f:
+        found.update(int(child) for child in f.read().split())
+    except FileNotFoundError:  # a thread that ended meanwhile
+      pass
   return found
 
 

@@ -9,10 +9,12 @@ resume exact without checkpointing an iterator.
 With worker processes, worker k of W reads the keys k, k + W, k + 2W, ... (grain's slicing of
 the key list) and grain hands the results back in key order, so the sequence is the same
 whatever W is. Each worker reads one batch at a time and keeps at most two more ready (its
-read-ahead and its queue), so host memory holds a few batches per worker. The workers ignore SIGINT and SIGTERM (a Ctrl-C or
-preemption notice to the process group reaches the trainer, which stops the reads itself
-after saving) and exit by themselves when the process that started them dies.
+read-ahead and its queue), so host memory holds a few batches per worker. The workers never
+act on SIGINT or SIGTERM (a Ctrl-C or a preemption notice to the process group is the
+trainer's to handle: it saves, then stops the reads itself) and exit by themselves when the
+process that started them dies.
 """
+import contextlib
 import gc
 import multiprocessing
 import multiprocessing.connection
@@ -68,7 +70,9 @@ class GrainReader(Generic[T]):
       dataset = dataset.mp_prefetch(
           grain.MultiprocessingOptions(num_workers=num_processes, per_worker_buffer_size=1),
           worker_init_fn=_init_worker)
-    self._iterator = iter(dataset)
+    with _stop_signals_blocked(num_processes):
+      self._iterator = iter(dataset)
+    self._started = False
     self._remaining = self._length
     self._closed = False
 
@@ -81,7 +85,12 @@ class GrainReader(Generic[T]):
       raise StopIteration
     error = None
     try:
-      value = next(self._iterator)
+      if self._started:
+        value = next(self._iterator)
+      else:  # grain starts its threads, and they the worker processes, in the first read
+        self._started = True
+        with _stop_signals_blocked(self._num_processes):
+          value = next(self._iterator)
     except DataError as e:  # a read's one-line error (a corrupt image, ...)
       error = e
     except RuntimeError as e:
@@ -155,13 +164,41 @@ def _mark_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked(num_processes: int):
+  """With worker processes: SIGINT and SIGTERM blocked in this thread meanwhile.
+
+  The threads it starts inherit its signal mask, the processes they spawn inherit theirs, and
+  the mask survives exec: a worker is born with both signals blocked, so a Ctrl-C or a
+  preemption notice sent to the whole process group cannot kill it while it is still starting
+  (importing for a second or two), before `_init_worker` ignores them. This process still
+  takes the signal: the kernel hands it to a thread that does not block it (or delivers it
+  when the mask is restored), and Python runs the handler in the main thread as always.
+  """
+  if not num_processes or not hasattr(signal, "pthread_sigmask"):
+    yield
+    return
+  # multiprocessing starts its resource tracker with the same trick, then UNblocks both
+  # signals: started first, it is found running later and leaves the mask alone.
+  from multiprocessing import resource_tracker  # pylint: disable=g-import-not-at-top
+  resource_tracker.ensure_running()
+  previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+  try:
+    yield
+  finally:
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _init_worker(worker_index: int, worker_count: int) -> None:
   """Runs first in every grain worker process."""
   del worker_index, worker_count
   # The trainer handles SIGINT/SIGTERM (checkpoint, then stop) and closes the reader, which
   # stops the workers; a signal sent to the whole process group must not kill them first.
-  signal.signal(signal.SIGINT, signal.SIG_IGN)
-  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  for signum in _STOP_SIGNALS:  # (blocked since birth: see _stop_signals_blocked)
+    signal.signal(signum, signal.SIG_IGN)
   parent = multiprocessing.parent_process()
   if parent is not None:
     # grain has no parent-death check: without this, a SIGKILLed or crashed trainer would leave
