@@ -273,6 +273,18 @@ def test_workers_survive_stop_signals_from_birth():
   assert values == [k * k for k in range(12)]
 
 
+def test_auto_workers(splits, monkeypatch):
+  train, _, _ = splits
+  for cores, expected in ((1, 0), (2, 0), (3, 2), (8, 7), (64, 16)):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)),
+                        raising=False)
+    assert data.num_processes_for(-1, train) == expected, cores
+  assert data.num_processes_for(5, train) == 5
+  assert data.num_processes_for(5, train, reader="threads") == 0
+  digits, _, _ = data.load_splits("digits")  # read in memory, never by workers
+  assert data.num_processes_for(5, digits) == 0
+
+
 def test_grayscale_and_cmyk_jpegs_become_rgb(splits, data_dir):
   train, _, _ = splits
   raw = raw_images("selfkd_jpeg_tiny", data_dir)
@@ -316,7 +328,7 @@ def test_image_size_is_required_for_variable_size_and_refused_for_fixed(data_dir
     ("image_size", -1, "config.data.image_size=-1 must be an integer >= 0"),
     ("resize_size", 20, "config.data.resize_size=20 must be 0 (= image_size / 0.875) or an "
                         "integer >= config.data.image_size (32)"),
-    ("workers", -2, "config.data.workers=-2 must be -1 (auto: min(cores - 1, 16)), 0"),
+    ("workers", -2, "config.data.workers=-2 must be -1 (auto: cores - 1, at most 16), 0"),
     ("workers", 300, "config.data.workers=300 must be -1"),
 ])
 def test_bad_values_are_refused_in_one_line(key, value, message):

@@ -129,7 +129,7 @@ def _check_host_images(data) -> None:
     raise ConfigError(f"config.data.resize_size={resize} needs config.data.image_size > 0 "
                       "(both apply to variable-size datasets only)")
   if not _is_int(workers) or not -1 <= workers <= MAX_WORKERS:
-    raise ConfigError(f"config.data.workers={workers!r} must be -1 (auto: min(cores - 1, 16)), "
+    raise ConfigError(f"config.data.workers={workers!r} must be -1 (auto: cores - 1, at most 16), "
                       f"0 (decode in the main process) or 1..{MAX_WORKERS} worker processes")
   if workers > 0 and data.get("reader", "auto") == "threads":
     raise ConfigError(f"config.data.workers={workers} needs config.data.reader 'auto' or "

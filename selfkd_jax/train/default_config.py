@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Variable-size TFDS datasets (imagenet2012, imagenette): decoded and cropped on the host.
   config.data.image_size = 0         # their square side (required, e.g. 224); 0 for fixed-size data
   config.data.resize_size = 0        # eval: shorter side to this, then centre crop; 0 = size/0.875
-  config.data.workers = -1           # grain worker processes decoding them; -1 = min(cores-1, 16)
+  config.data.workers = -1           # grain processes decoding them; -1 = cores-1 (<= 16; 0 on 2)
   config.data.augment = True
   config.data.crop_padding = -1      # -1 = the dataset's default
   config.data.flip = -1              # -1 = the dataset's default, 0 = off, 1 = on
