@@ -74,10 +74,23 @@ class SelfkdJpegCorrupt(SelfkdJpegTiny):
     return (b"\xff\xd8 not a JPEG" if (split_seed, key) == (0, CORRUPT_KEY) else image), label
 
 
+class SelfkdJpegUnlabelledTest(SelfkdJpegTiny):
+  """imagenet2012's layout: a labelled validation split and a test split with label -1."""
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples(16, 0), "validation": self._generate_examples(8, 1),
+            "test": self._unlabelled(4)}
+
+  def _unlabelled(self, n):
+    for key in range(n):
+      yield key, {"image": example(2, key)[0], "label": -1}
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("tfds"))
-  for name in ("selfkd_jpeg_tiny", "selfkd_jpeg_corrupt"):
+  for name in ("selfkd_jpeg_tiny", "selfkd_jpeg_corrupt", "selfkd_jpeg_unlabelled_test"):
     tfds.builder(name, data_dir=directory).download_and_prepare(file_format="array_record")
   return directory
 
@@ -309,6 +322,13 @@ def test_corrupt_jpeg_names_split_and_example(data_dir):
 
 
 # -- configuration -------------------------------------------------------------------------------
+
+def test_unlabelled_test_split_evaluates_on_validation(data_dir):
+  _, test, info = data.load_splits("selfkd_jpeg_unlabelled_test", data_dir=data_dir,
+                                   image_size=SIZE)
+  assert (info.num_train, info.num_test) == (16, 8)
+  assert (test.get_batch(np.arange(8))["label"] >= 0).all()
+
 
 def test_image_size_is_required_for_variable_size_and_refused_for_fixed(data_dir):
   with pytest.raises(data.ImageSizeError, match=r"config\.data\.image_size=0 but dataset "

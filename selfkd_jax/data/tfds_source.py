@@ -305,7 +305,8 @@ def load_tfds(name: str, data_dir: str | None = None, *, image_size: int = 0,
 
   Returns:
     (train source, test source, DatasetInfo). The test split is 'test', or 'validation' for
-    datasets without one.
+    datasets without one (and for variable-size datasets whose 'test' split is unlabelled,
+    label -1, like imagenet2012's).
 
   Raises:
     ImageSizeError: a variable-size dataset without image_size (or resize_size < image_size).
@@ -335,10 +336,20 @@ def load_tfds(name: str, data_dir: str | None = None, *, image_size: int = 0,
                     "'test' or 'validation' split are needed")
   if variable:
     decoders = {IMAGE_KEY: tfds.decode.SkipDecoding()} if encoded else None
+    sources = {split: _data_source(name, builder, split, data_dir, decoders)
+               for split in ("train", test_split)}
+    if test_split == "test" and len(sources["test"]) and sources["test"][0][LABEL_KEY] < 0:
+      # An unlabelled test split (label -1: imagenet2012's, when its test archive was given
+      # to `tfds build`): evaluate on the validation split, as everyone does for ImageNet.
+      if "validation" not in splits:
+        raise DataError(f"dataset {name!r}: its 'test' split is unlabelled (label -1) and it "
+                        "has no 'validation' split to evaluate on")
+      test_split = "validation"
+      sources = {"train": sources["train"],
+                 "validation": _data_source(name, builder, "validation", data_dir, decoders)}
     train, test = (EncodedImageSource(
         str(builder.data_dir), split=split, image_size=image_size, resize_size=resize_size,
-        name=name, encoded=encoded,
-        data_source=_data_source(name, builder, split, data_dir, decoders))
+        name=name, encoded=encoded, data_source=sources[split])
                    for split in ("train", test_split))
     # Natural images of any size: ImageNet's statistics (torchvision's reference recipe) unless
     # the dataset has its own, and the random flip of the same recipe.
