@@ -94,6 +94,11 @@ def test_tfds_not_prepared_fails_fast(tmp_path):
   assert "tfds build cifar100" in message and "config.data.dir" in message
   assert "\n" not in message
   assert not any(tmp_path.iterdir())  # Nothing was downloaded or prepared.
+  # ImageNet cannot be downloaded by TFDS: the line says where its archives go.
+  with pytest.raises(data.DataError,
+                     match=r"ILSVRC2012_img_train.tar .* --manual_dir=<that folder>") as error:
+    data.load_splits("imagenet2012", data_dir=str(tmp_path))
+  assert "\n" not in str(error.value)
 
 
 def test_unknown_name_lists_embedded(tmp_path):

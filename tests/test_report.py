@@ -326,6 +326,23 @@ def test_published_number_beside_ours_under_the_papers_protocol(tmp_path, capsys
   assert "| ce |" not in table
 
 
+def test_host_reading_keys_neither_split_groups_nor_refuse_a_resume(tmp_path, capsys):
+  """data.workers and data.reader change how the host reads, not the batches."""
+  from selfkd_jax.train import config_check  # pylint: disable=g-import-not-at-top
+  data = dict(BASE_CONFIG["data"])
+  make_run(tmp_path / "a", seed=0, top1=0.9, data=dict(data, workers=0, reader="threads"))
+  make_run(tmp_path / "b", seed=1, top1=0.8, data=dict(data, workers=7, reader="grain"))
+  make_run(tmp_path / "c", seed=2, top1=0.7, data=dict(data, workers=7, limit_train=512))
+  assert run_report(capsys, tmp_path, "--out", tmp_path / "out")[0] == 0
+  rows = read_csv(tmp_path / "out" / "report.csv")
+  assert sorted(rows) == ["ce (data.limit_train=0)", "ce (data.limit_train=512)"]
+  assert rows["ce (data.limit_train=0)"]["n"] == "2"
+  a, b = (json.loads((tmp_path / name / "config.json").read_text()) for name in "ab")
+  b["seed"] = a["seed"]
+  assert config_check.comparable(a) == config_check.comparable(b)
+  assert a["data"]["workers"] == 0  # the caller's dict is untouched
+
+
 def test_ignored_keys_are_the_trainers_resumable_keys():
   from selfkd_jax.train import config_check
   assert set(groups.IGNORED_KEYS) == {"seed", *config_check.RESUMABLE_KEYS}

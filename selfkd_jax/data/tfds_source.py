@@ -220,8 +220,19 @@ class EncodedImageSource:
                               data_source=self._data_source)
 
 
+# Datasets TFDS cannot download: the archives are fetched by hand into a manual directory.
+_MANUAL = {"imagenet2012": "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from "
+                           "image-net.org"}
+
+
 def _not_prepared(name: str, where: str, data_dir: str | None) -> DataError:
   target = data_dir or "~/tensorflow_datasets"
+  base = name.split(":")[0].split("/")[0]
+  if base in _MANUAL:
+    return DataError(
+        f"dataset {name!r} is not prepared under {where}; put {_MANUAL[base]} in a folder, run "
+        f"`tfds build {name} --data_dir={target} --manual_dir=<that folder> "
+        "--file_format=array_record` and set config.data.dir to the data dir")
   return DataError(
       f"dataset {name!r} is not prepared under {where}; prepare it on a machine with network "
       f"access with `tfds build {name} --data_dir={target} --file_format=array_record`, copy "

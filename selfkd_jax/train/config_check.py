@@ -15,7 +15,7 @@ from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
                                              needs_network_teacher)
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
                                             RESUMABLE_KEYS, checkpoint_steps,
-                                            without_added_defaults)
+                                            without_added_defaults, without_resumable)
 
 PARALLEL_MODES = ("shard_map", "pmap")
 UNBOUNDED_WEIGHTS = ("dkd", "aekt")
@@ -276,7 +276,7 @@ def _check_augmentation(data, side: int, channels: int) -> None:
 def comparable(config_dict: dict) -> dict:
   """The keys that decide a run's result. Milestones count only for 'multistep': runs written
   before other schedules refused them carry the then-default (150, 225) unused."""
-  kept = {k: v for k, v in config_dict.items() if k not in RESUMABLE_KEYS}
+  kept = without_resumable(config_dict)
   optimizer = kept.get("optimizer")
   if isinstance(optimizer, dict) and optimizer.get("schedule") != "multistep":
     kept["optimizer"] = {k: v for k, v in optimizer.items() if k != "milestones"}

@@ -34,12 +34,30 @@ class WorkdirError(OSError):
   """The workdir, or a file the run needs in it, cannot be used (data/environment: exit 1)."""
 
 
-# Keys that may change between a run and its resumption. The first four, and the published
-# number a recipe is compared with, do not change the result; the device count and the runner
-# change it only by float round-off (the order of cross-device sums), and a run may move to
-# another machine.
+# Keys that may change between a run and its resumption (dotted: nested). The first four, the
+# published number a recipe is compared with, and how the host reads (the reader, its worker
+# processes: the batches are the same) do not change the result; the device count and the
+# runner change it only by float round-off (the order of cross-device sums), and a run may
+# move to another machine.
 RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
-                  "keep_checkpoints", "num_devices", "parallel", "published")
+                  "keep_checkpoints", "num_devices", "parallel", "published", "data.reader",
+                  "data.workers")
+
+
+def without_resumable(config_dict: dict) -> dict:
+  """`config_dict` (as in config.json) without the `RESUMABLE_KEYS` (a copy)."""
+  kept = dict(config_dict)
+  for key in RESUMABLE_KEYS:
+    *parents, leaf = key.split(".")
+    tree = kept
+    for parent in parents:
+      if not isinstance(tree.get(parent), dict):
+        break
+      tree[parent] = dict(tree[parent])
+      tree = tree[parent]
+    else:
+      tree.pop(leaf, None)
+  return kept
 
 # Keys added after runs were already written, with the value that reproduces those runs: a
 # workdir config without the key, or with this value, is the same run (it resumes, and the
