@@ -381,9 +381,14 @@ def test_new_keys_leave_old_runs_comparable():
 # -- launch.py end to end ------------------------------------------------------------------------
 
 def jpeg_config(data_dir, **data_overrides):
+  """The ImageNet recipe's smoke config (host crop, flip, colour jitter, lighting, ImageNet
+  normalisation) on the test's JPEG dataset, with a small model, batch and schedule."""
+  from selfkd_jax.train import imagenet_recipes  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.default_config import method_config  # pylint: disable=g-import-not-at-top
-  config = base_config()
+  config, _ = imagenet_recipes.pskd_imagenet("resnet50,smoke")
   config.data.name, config.data.dir, config.data.image_size = "selfkd_jpeg_tiny", data_dir, SIZE
+  config.data.resize_size = 0
+  config.data.limit_train = 0
   for key, value in data_overrides.items():
     config.data[key] = value
   config.model.name = "mlp"
@@ -394,6 +399,8 @@ def jpeg_config(data_dir, **data_overrides):
   config.log_every_steps = 3
   config.progress_bar = False
   config.optimizer.learning_rate = 0.01
+  config.optimizer.schedule, config.optimizer.milestones = "constant", ()
+  config.model.init = "flax"
   return config
 
 
