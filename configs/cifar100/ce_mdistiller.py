@@ -20,14 +20,14 @@ ResNet32x4 79.42, WRN-40-2 75.61, ResNet56 72.34, VGG13 74.64; students alone Re
 WRN-16-2 73.26, ResNet20 69.06, VGG8 70.36.
 """
 from selfkd_jax.train import cifar100_recipes as recipes
-from selfkd_jax.train.default_config import method_config, published_result
+from selfkd_jax.train.default_config import method_config, parse_arg, published_result
 
 MODELS = ("resnet32x4", "resnet8x4", "wrn40_2", "wrn16_2_nobias", "resnet56", "resnet20",
           "vgg13", "vgg8")
 
 
 def get_config(arg=None):
-  model, smoke = recipes.parse_arg(arg, MODELS)
+  model, smoke = parse_arg(arg, MODELS)
   model = model or MODELS[0]
   config = recipes.mdistiller(model, smoke)
   config.method = method_config("ce")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from selfkd_jax.train.default_config import base_config
+from selfkd_jax.train.default_config import SMOKE, apply_smoke, base_config, parse_arg
 
 # Normalisation constants the scripts hard-code (the dataset's own statistics are the default).
 # kuangliu/pytorch-cifar's CIFAR-10 values, used for CIFAR-100 by PS-KD, CS-KD, Zipf's LS and
@@ -47,29 +47,6 @@ PAIR_RESULTS = {
     "resnet56-resnet20": {"teacher": 72.34, "student": 69.06, "kd": 70.66, "dkd": 71.97},
     "vgg13-vgg8": {"teacher": 74.64, "student": 70.36, "kd": 72.98, "dkd": 74.68},
 }
-SMOKE = "smoke"
-
-
-def parse_arg(arg: str | None, choices=()) -> tuple[str | None, bool]:
-  """`'<choice>[,smoke]'` -> (choice or None, smoke). Raises ValueError naming what is allowed."""
-  parts = [part for part in (arg or "").split(",") if part]
-  smoke = SMOKE in parts
-  rest = [part for part in parts if part != SMOKE]
-  if len(rest) > 1 or (rest and rest[0] not in choices):
-    allowed = ", ".join([*choices, SMOKE]) if choices else SMOKE
-    raise ValueError(f"unknown config argument {arg!r}; allowed: {allowed} (comma-separated)")
-  return (rest[0] if rest else None), smoke
-
-
-def apply_smoke(config: ml_collections.ConfigDict, smoke: bool) -> ml_collections.ConfigDict:
-  """A smoke run: 2 epochs on the first 2048 examples (the recipe's shape, seconds of work)."""
-  if smoke:
-    config.num_epochs = 2
-    config.data.limit_train = 2048
-    config.log_every_steps = 4
-  return config
-
-
 def _cifar100(model: str, init: str, mean_std=None) -> ml_collections.ConfigDict:
   config = base_config()
   config.data.name = "cifar100"

@@ -47,7 +47,7 @@ def _check_method(method) -> None:
                         f"keys: {', '.join(own_keys) or 'none'}")
   for key, value in method.items():
     full = f"config.method.{key}"
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    is_number = _is_number(value)
     # Mixing weights live in [0, 1]; DKD-style term weights (alpha 1, beta 8) do not.
     is_mixing = key.startswith("alpha") or key in ("epsilon", "beta", "tc_beta")
     if is_number and is_mixing and method.name not in UNBOUNDED_WEIGHTS:
@@ -140,6 +140,11 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+  """An int or a float, not a bool (a `True` in a config is a typo, not the number 1)."""
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_milestones(config) -> None:
   """Multistep milestones are positive epoch numbers. A milestone past the run is allowed: it
   is never reached (a smoke version of a long recipe). Other schedules have no milestones, and
@@ -156,7 +161,7 @@ def _check_milestones(config) -> None:
     raise ConfigError(f"config.optimizer.milestones={milestones!r} must be a list of epochs, "
                       "e.g. (150, 225)")
   for m in milestones:
-    if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0:
+    if not _is_number(m) or not m > 0:
       raise ConfigError(f"config.optimizer.milestones={tuple(milestones)!r}: {m!r} is not an "
                         "epoch number > 0")
 
@@ -166,7 +171,7 @@ def _check_published(config) -> None:
   if published is None:
     return
   top1, epoch = published.get("top1", None), published.get("epoch", None)
-  if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not 0 < top1 <= 100:
+  if not _is_number(top1) or not 0 < top1 <= 100:
     raise ConfigError(f"config.published.top1={top1!r} must be a top-1 accuracy in percent, "
                       "in (0, 100]")
   _allowed("config.published.epoch", epoch, ("best", "last"))
@@ -233,7 +238,7 @@ def _check_normalisation(data, channels: int) -> None:
     values = tuple(data.get(key, ()))
     if not values:
       continue
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    numbers = all(_is_number(v) for v in values)
     if (len(values) != channels or not numbers
         or not all((v > 0 if key == "std" else 0 <= v <= 1) for v in values)):
       allowed = "> 0" if key == "std" else "in [0, 1]"
@@ -251,8 +256,7 @@ def _check_augmentation(data, side: int, channels: int) -> None:
     raise ConfigError(f"config.data.crop_fill={fill!r} must be an integer 0..255 (the pixel "
                       "value of the random crop's padding, all channels)")
   degrees = data.get("rotation_degrees", 0.0)
-  if (isinstance(degrees, bool) or not isinstance(degrees, (int, float))
-      or not 0 <= degrees <= 180):
+  if not _is_number(degrees) or not 0 <= degrees <= 180:
     raise ConfigError(f"config.data.rotation_degrees={degrees!r} must be a number in [0, 180] "
                       "(0 = off; the rotation angle is uniform in [-d, d] degrees)")
   policy = data.get("autoaugment", "none")
@@ -262,7 +266,7 @@ def _check_augmentation(data, side: int, channels: int) -> None:
                       f"dataset has {channels}; use 'none'")
   for key in ("color_jitter", "lighting"):
     value = data.get(key, 0.0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    if not _is_number(value) or not 0 <= value <= 1:
       raise ConfigError(f"config.data.{key}={value!r} must be a number in [0, 1] (0 = off)")
     if value and channels != 3:
       raise ConfigError(f"config.data.{key}={value!r} needs RGB images, the dataset has "

@@ -150,15 +150,31 @@ def fashion_mnist_recipe(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.learning_rate = 0.05
   config.optimizer.schedule = "cosine"
   config.optimizer.weight_decay = 5e-4
-  _apply_arg(config, arg)
+  return apply_smoke(config, parse_arg(arg)[1])
+
+
+SMOKE = "smoke"
+
+
+def parse_arg(arg: str | None, choices=()) -> tuple[str | None, bool]:
+  """A config file's argument, `'[<choice>][,smoke]'` -> (choice or None, smoke).
+
+  Raises:
+    ValueError: anything else, naming what is allowed (launch.py prints it as one line).
+  """
+  parts = [part for part in (arg or "").split(",") if part]
+  smoke = SMOKE in parts
+  rest = [part for part in parts if part != SMOKE]
+  if len(rest) > 1 or parts.count(SMOKE) > 1 or (rest and rest[0] not in choices):
+    allowed = (f"{', '.join([*choices, SMOKE])} (comma-separated)" if choices else SMOKE)
+    raise ValueError(f"unknown config argument {arg!r}; allowed: {allowed}")
+  return (rest[0] if rest else None), smoke
+
+
+def apply_smoke(config: ml_collections.ConfigDict, smoke: bool) -> ml_collections.ConfigDict:
+  """A smoke run: 2 epochs on the first 2048 examples (the recipe's shape, seconds of work)."""
+  if smoke:
+    config.num_epochs = 2
+    config.data.limit_train = 2048
+    config.log_every_steps = 4
   return config
-
-
-def _apply_arg(config, arg: str | None) -> None:
-  if not arg:
-    return
-  if arg != "smoke":
-    raise ValueError(f"unknown config argument {arg!r}; allowed: smoke")
-  config.num_epochs = 2
-  config.data.limit_train = 2048
-  config.log_every_steps = 4

@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from selfkd_jax.train.cifar100_recipes import apply_smoke, parse_arg
-from selfkd_jax.train.default_config import base_config
+from selfkd_jax.train.default_config import apply_smoke, base_config, parse_arg
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MODELS = ("resnet152", "resnet50")
