@@ -67,7 +67,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from jax.experimental import multihost_utils  # pylint: disable=wrong-import-position
 
 import step_time  # pylint: disable=g-import-not-at-top,wrong-import-position
-from selfkd_jax.methods import table_bytes  # pylint: disable=wrong-import-position
+from selfkd_jax.methods import PerExampleTable, table_bytes  # pylint: disable=wrong-import-position
 from selfkd_jax.train import cluster, parallel  # pylint: disable=wrong-import-position
 from selfkd_jax.train.checkpoint import Checkpointer  # pylint: disable=wrong-import-position
 from selfkd_jax.train.step import Augmentation  # pylint: disable=wrong-import-position
@@ -204,8 +204,8 @@ def _filled(method_state):
   the donated table. (Made whole, the random logits and their softmax are temporaries of three
   to four tables, the process's peak memory by far at 1.28M rows.)"""
 
-  def fill(rows):
-    sharding = rows.sharding
+  def fill(table):
+    rows, sharding = table.rows, table.rows.sharding
     if sharding.spec[:1] != (parallel.AXIS,):
       raise ValueError(f"a table sharded by rows was expected, got {sharding.spec}")
 
@@ -218,15 +218,16 @@ def _filled(method_state):
                                    jax.numpy.float32)
         start = jax.numpy.minimum(i * chunk, block.shape[0] - chunk)  # the last one overlaps
         return jax.lax.dynamic_update_slice_in_dim(
-            block, jax.nn.softmax(logits, axis=-1).astype(block.dtype), start, axis=0)
+            block, table.as_stored(jax.nn.softmax(logits, axis=-1)), start, axis=0)
 
       return jax.lax.fori_loop(0, -(-block.shape[0] // chunk), body, block)
 
     mapped = jax.shard_map(local, mesh=sharding.mesh, in_specs=sharding.spec,
                            out_specs=sharding.spec)
-    return jax.jit(mapped, donate_argnums=0)(rows)
+    return table.with_rows(jax.jit(mapped, donate_argnums=0)(rows))
 
-  return jax.tree.map(lambda x: fill(x) if x.ndim == 2 else x, method_state)
+  is_table = lambda x: isinstance(x, PerExampleTable)
+  return jax.tree.map(lambda x: fill(x) if is_table(x) else x, method_state, is_leaf=is_table)
 
 
 def markdown_table(records: list[dict]) -> str:

@@ -334,7 +334,7 @@ def test_table_bytes():
   bf16 = jax.eval_shape(lsskd(N, C, E, num_heads=H, steps_per_epoch=1,
                               storage_dtype=jnp.bfloat16, main_pskd=False).init)
   assert bf16.main_predictions is None
-  assert all(t.rows.dtype == jnp.bfloat16 for t in bf16.aux_predictions)
+  assert all(t.value_dtype == jnp.bfloat16 for t in bf16.aux_predictions)
   assert methods.table_bytes(fp32) == (N * C + H * R * N * R * C) * 4
   assert methods.table_bytes(bf16, 4) == H * R * N * R * C * 2 // 4
 
@@ -356,7 +356,7 @@ def test_four_devices_match_one_device(setup, variant):
                    storage_dtype=jnp.bfloat16)
     state = setup["state1"]._replace(
         main_predictions=None,
-        aux_predictions=tuple(methods.PerExampleTable(t.rows.astype(jnp.bfloat16))
+        aux_predictions=tuple(methods.PerExampleTable.from_values(t.rows, jnp.bfloat16)
                               for t in setup["state1"].aux_predictions))
 
   def step(state, outputs, batch, axis_name):
@@ -365,12 +365,12 @@ def test_four_devices_match_one_device(setup, variant):
   if variant == "ce_bf16":
     loss_1, state_1, _ = jax.jit(functools.partial(step, axis_name=None))(
         state, setup["outputs"], batch)
-    assert all(t.rows.dtype == jnp.bfloat16 for t in state_1.aux_predictions)
-    aux_past = [np.asarray(t.rows.astype(jnp.float32), np.float64)
+    assert all(t.value_dtype == jnp.bfloat16 for t in state_1.aux_predictions)
+    aux_past = [np.asarray(t.values().astype(jnp.float32), np.float64)
                 for t in state.aux_predictions]
     want, z_heads = _numpy_loss(setup["outputs"], 1, None, aux_past, main_pskd=False)
     np.testing.assert_allclose(loss_1, want, rtol=2e-5)
-    written = np.asarray(state_1.aux_predictions[1].rows[4 * INDEX + 2].astype(jnp.float32))
+    written = np.asarray(state_1.aux_predictions[1].values()[4 * INDEX + 2].astype(jnp.float32))
     want_rows = jnp.asarray(softmax(z_heads[1][2 * B:3 * B]), jnp.float32)
     # bf16 keeps 8 significant bits: equal up to one bf16 rounding step.
     np.testing.assert_allclose(written, np.asarray(want_rows), rtol=8e-3, atol=1e-6)

@@ -107,10 +107,11 @@ class TestPSKD:
   def test_bfloat16_storage(self):
     method = _pskd(num_examples=4, num_classes=3, total_epochs=2, storage_dtype=jnp.bfloat16)
     state = method.init()
-    assert state.past_predictions.rows.dtype == jnp.bfloat16
+    assert state.past_predictions.value_dtype == jnp.bfloat16
+    assert state.past_predictions.rows.dtype == jnp.uint16  # stored as bits, written in place
     logits = jnp.array([[2.0, 0.0, -1.0]])
     _, state, _ = _update(method, state, logits, jnp.array([0]), jnp.array([3]), step=0)
-    np.testing.assert_allclose(np.asarray(state.past_predictions.rows[3], np.float32),
+    np.testing.assert_allclose(np.asarray(state.past_predictions.values()[3], np.float32),
                                softmax(np.asarray(logits))[0], rtol=1e-2)
 
   def test_epoch_end_eval_refresh_leaves_table_during_steps(self):
@@ -217,7 +218,8 @@ class TestShardedTables:
     num_devices, num_examples, width = 4, 10, 3
     rng = np.random.default_rng(2)
     rows = rng.normal(size=(num_examples, width)).astype(np.float32)
-    table = methods.pad_tables(methods.PerExampleTable(jnp.asarray(rows, dtype)), num_devices)
+    table = methods.pad_tables(methods.PerExampleTable.from_values(jnp.asarray(rows), dtype),
+                               num_devices)
     assert table.rows.shape == (12, width)
     index = jnp.asarray(rng.permutation(num_examples)[:8], jnp.int32)  # global batch of 8
     values = jnp.asarray(rng.normal(size=(8, width)), jnp.float32)
@@ -238,8 +240,8 @@ class TestShardedTables:
     plain_written = methods.scatter_rows(table, index, values)
     np.testing.assert_array_equal(np.asarray(read, np.float32),
                                   np.asarray(plain_read, np.float32))
-    np.testing.assert_array_equal(np.asarray(written.rows, np.float32),
-                                  np.asarray(plain_written.rows, np.float32))
+    np.testing.assert_array_equal(np.asarray(written.values(), np.float32),
+                                  np.asarray(plain_written.values(), np.float32))
     # And plain indexing is what it claims to be.
     np.testing.assert_array_equal(np.asarray(plain_read, np.float32),
                                   np.asarray(jnp.asarray(rows, dtype), np.float32)[index])

@@ -80,3 +80,34 @@ def test_a_different_model_still_fails_to_restore(tmp_path):
   with pytest.raises(Exception, match="no usable checkpoint"):
     checkpointer.restore(abstract, adapt=reader.table_rows_adapter(abstract))
   checkpointer.close()
+
+
+@pytest.mark.parametrize("saved_on, resumed_on", [(2, 2), (4, 3)])
+def test_bfloat16_tables_saved_as_values_restore_as_their_bits(tmp_path, saved_on, resumed_on):
+  """Checkpoints from before bfloat16 tables were stored as bits hold bfloat16 values; they
+  must come back bit for bit, not converted numerically (0.3 would become 0)."""
+  values = (jnp.arange(N * C, dtype=jnp.float32).reshape(N, C) + 1) / 7  # not integers
+
+  def init_fn(num_devices, as_bits):
+    def init():
+      table = (methods.PerExampleTable.from_values(values, jnp.bfloat16) if as_bits
+               else methods.PerExampleTable(values.astype(jnp.bfloat16)))  # the old layout
+      return TrainState(step=jnp.asarray(7, jnp.int32), params={}, batch_stats={},
+                        opt_state={}, method_state=methods.pad_tables(table, num_devices),
+                        rng=jax.random.PRNGKey(3))
+    return init
+
+  saved = _runner(saved_on).init_state(init_fn(saved_on, as_bits=False))
+  assert saved.method_state.rows.dtype == jnp.bfloat16
+  checkpointer = Checkpointer(str(tmp_path), keep=1)
+  checkpointer.save(7, saved)
+  reader = _runner(resumed_on)
+  abstract = reader.abstract_state(init_fn(resumed_on, as_bits=True))
+  state, _ = checkpointer.restore(abstract, adapt=reader.table_rows_adapter(abstract))
+  checkpointer.close()
+
+  table = state.method_state
+  assert table.rows.dtype == jnp.uint16 and table.value_dtype == jnp.bfloat16
+  assert table.rows.sharding == abstract.method_state.rows.sharding
+  np.testing.assert_array_equal(np.asarray(table.values()[:N], np.float32),
+                                np.asarray(values.astype(jnp.bfloat16), np.float32))

@@ -15,11 +15,17 @@ writes exchange rows with collectives over the named axis:
   the rows it owns; the others are dropped by an out-of-range index.
 
 With `axis_name=None` (a single device, a user's own loop) both are plain indexing.
+
+bfloat16 tables are stored as their bit patterns (`uint16` rows) and read and written as
+bfloat16: XLA's CPU backend has no 16-bit float scatter and widens a bfloat16 table to float32
+around every write (a copy of twice the table per step), while a `uint16` scatter is done in
+place. The bits are the same on every backend, so checkpoints move between CPU, GPU and TPU.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +34,66 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 
-class PerExampleTable(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class PerExampleTable:
   """Rows indexed by dataset index. Trainers shard `rows` along axis 0 (see `partition_specs`).
 
+  A pytree whose one leaf is `rows`; `dtype` is static.
+
   Attributes:
-    rows: `[N_padded, ...]` array; rows past the dataset size are padding, never read.
+    rows: `[N_padded, ...]` storage array; rows past the dataset size are padding, never read.
+      For a bfloat16 table these are the values' bit patterns (`uint16`; see the module
+      docstring); read them with `values()` or `gather_rows`.
+    dtype: the dtype of the values (what `gather_rows` returns); `None`: `rows.dtype`.
   """
   rows: jax.Array
+  dtype: Any = None
+
+  def __post_init__(self):
+    if self.dtype is not None:  # one hashable form, so equal tables have equal tree structures
+      object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+  @classmethod
+  def from_values(cls, values: jax.Array, dtype: Any = None) -> "PerExampleTable":
+    """A table holding `values` (`[N, ...]`) as `dtype` (default: theirs)."""
+    dtype = np.dtype(jnp.asarray(values).dtype if dtype is None else dtype)
+    return cls(_to_storage(values, dtype), dtype)
+
+  @property
+  def value_dtype(self) -> np.dtype:
+    return np.dtype(self.rows.dtype if self.dtype is None else self.dtype)
+
+  def values(self) -> jax.Array:
+    """All rows as values of `value_dtype` (a new array: the whole table)."""
+    return _from_storage(self.rows, self.value_dtype)
+
+  def as_stored(self, values: jax.Array) -> jax.Array:
+    """`values` (rows) cast to `value_dtype` and encoded as `rows` holds them, to write."""
+    return _to_storage(values, self.value_dtype)
+
+  def with_rows(self, rows: jax.Array) -> "PerExampleTable":
+    """The same table (dtype) over other storage rows: padded, reshaped or restored."""
+    return dataclasses.replace(self, rows=rows)
+
+
+jax.tree_util.register_dataclass(PerExampleTable, data_fields=["rows"], meta_fields=["dtype"])
+
+
+def storage_dtype(dtype: Any) -> np.dtype:
+  """The dtype a table of `dtype` values keeps its rows in: `uint16` for bfloat16, else itself."""
+  dtype = np.dtype(dtype)
+  return np.dtype(np.uint16) if dtype == jnp.bfloat16 else dtype
+
+
+def _to_storage(values: jax.Array, dtype: np.dtype) -> jax.Array:
+  """`values` cast to `dtype`, then as the table stores them."""
+  values = jnp.asarray(values).astype(dtype)
+  stored = storage_dtype(dtype)
+  return values if stored == dtype else lax.bitcast_convert_type(values, stored)
+
+
+def _from_storage(rows: jax.Array, dtype: np.dtype) -> jax.Array:
+  return rows if rows.dtype == dtype else lax.bitcast_convert_type(rows, dtype)
 
 
 def create_table(num_examples: int, row_shape: tuple[int, ...], dtype: Any = jnp.float32,
@@ -42,7 +101,9 @@ def create_table(num_examples: int, row_shape: tuple[int, ...], dtype: Any = jnp
   """A table of `num_examples` rows of shape `row_shape`, filled with `fill_value`."""
   if num_examples <= 0:
     raise ValueError(f"num_examples must be positive, got {num_examples}")
-  return PerExampleTable(jnp.full((num_examples, *row_shape), fill_value, dtype))
+  dtype = np.dtype(dtype)
+  fill = _to_storage(jnp.asarray(fill_value), dtype)  # one scalar: no whole table of values
+  return PerExampleTable(jnp.full((num_examples, *row_shape), fill, storage_dtype(dtype)), dtype)
 
 
 def _is_table(x: Any) -> bool:
@@ -57,7 +118,7 @@ def pad_tables(state: Any, num_shards: int) -> Any:
       return x
     extra = -x.rows.shape[0] % num_shards
     widths = [(0, extra)] + [(0, 0)] * (x.rows.ndim - 1)
-    return PerExampleTable(jnp.pad(x.rows, widths))
+    return x.with_rows(jnp.pad(x.rows, widths))
 
   return jax.tree.map(pad, state, is_leaf=_is_table)
 
@@ -67,7 +128,7 @@ def partition_specs(state: Any, axis_name: str = "data") -> Any:
 
   def spec(x):
     if _is_table(x):
-      return PerExampleTable(PartitionSpec(axis_name))
+      return x.with_rows(PartitionSpec(axis_name))
     return PartitionSpec()
 
   return jax.tree.map(spec, state, is_leaf=_is_table)
@@ -121,12 +182,14 @@ def gather_rows(table: PerExampleTable, indices: jax.Array,
     checked = indices if axis_name is None else lax.all_gather(indices, axis_name, tiled=True)
     num_rows = table.rows.shape[0] * (1 if axis_name is None else lax.psum(1, axis_name))
     jax.debug.callback(_raise_if_out_of_range, checked, num_rows)
+  dtype = table.value_dtype
   if axis_name is None:
-    return table.rows[indices]
+    return _from_storage(table.rows[indices], dtype)
   local, owned = _owned_positions(table, indices, axis_name)
   safe = jnp.clip(local, 0, table.rows.shape[0] - 1)
   mask = owned.reshape(owned.shape + (1,) * (table.rows.ndim - 1))
-  contributions = jnp.where(mask, table.rows[safe], jnp.zeros((), table.rows.dtype))
+  # Exchanged as values, not bits: collectives of 16-bit integers are not on every backend.
+  contributions = jnp.where(mask, _from_storage(table.rows[safe], dtype), jnp.zeros((), dtype))
   return lax.psum_scatter(contributions, axis_name, scatter_dimension=0, tiled=True)
 
 
@@ -156,20 +219,17 @@ def scatter_rows(table: PerExampleTable, indices: jax.Array, values: jax.Array,
   the write then depends on the read, which lets XLA update a donated table in place. Without
   it XLA keeps the old rows for the read in a full copy of the table every step (measured: an
   ImageNet-size table made a step 10x slower). The rows written are the same either way.
-  (bfloat16 tables on CPU are still copied: XLA's CPU backend has no 16-bit float scatter or
-  dynamic-update-slice and widens the whole table to float32 around the write; GPU and TPU
-  backends have native 16-bit scatters, not measured here.)
   """
   if after is not None:
     values = _ordered_after(values, after)
-  values = values.astype(table.rows.dtype)
+  values = values.astype(table.value_dtype)
   if axis_name is None:
     target = indices
   else:
     local, owned = _owned_positions(table, indices, axis_name)
     values = lax.all_gather(values, axis_name, tiled=True)
     target = jnp.where(owned, local, table.rows.shape[0])  # not owned: past the end, dropped
-  return PerExampleTable(table.rows.at[target].set(values, mode="drop"))
+  return table.with_rows(table.rows.at[target].set(table.as_stored(values), mode="drop"))
 
 
 def table_bytes(state: Any, num_shards: int = 1) -> int:

@@ -49,7 +49,8 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_ep
   The paper writes `alpha_t = alpha_T * t / T` with 1-indexed epochs `t`; the official code's
   `(e + 1) / E` with 0-indexed `e` is the same schedule.
 
-  State: `P` of `num_examples x num_classes` in `storage_dtype` (fp32 default; bf16 halves it).
+  State: `P` of `num_examples x num_classes` in `storage_dtype` (fp32 default; bf16 halves it;
+  `state.past_predictions.values()` reads it, since bf16 rows are stored as their bits).
   Under data parallelism (`axis_name` given) `P` is sharded by rows; see `per_example`.
 
   Args:

@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from selfkd_jax.methods.per_example import (PerExampleTable, _is_table, pad_tables,
-                                            partition_specs)
+from selfkd_jax.methods.per_example import _is_table, pad_tables, partition_specs
 
 
 def state_shardings(state: Any, mesh: Mesh, axis_name: str = "data") -> Any:
@@ -46,7 +45,7 @@ def to_pmap_layout(state: Any, num_devices: int) -> Any:
 
   def convert(x):
     if _is_table(x):
-      return PerExampleTable(jnp.reshape(x.rows, (num_devices, -1) + x.rows.shape[1:]))
+      return x.with_rows(jnp.reshape(x.rows, (num_devices, -1) + x.rows.shape[1:]))
     return jnp.broadcast_to(x, (num_devices,) + jnp.shape(x))
 
   return jax.tree.map(convert, state, is_leaf=_is_table)
@@ -58,7 +57,7 @@ def from_pmap_layout(state: Any) -> Any:
 
   def convert(x):
     if _is_table(x):
-      return PerExampleTable(jnp.reshape(x.rows, (-1,) + x.rows.shape[2:]))
+      return x.with_rows(jnp.reshape(x.rows, (-1,) + x.rows.shape[2:]))
     return x[0]
 
   return jax.tree.map(convert, state, is_leaf=_is_table)

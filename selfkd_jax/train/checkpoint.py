@@ -279,19 +279,21 @@ class Checkpointer:
         self._delete(step)
     self._manager.reload()
 
-  def saved_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
-    """`{dotted leaf name: shape}` of what `step` holds (e.g. 'method_state.table.rows')."""
+  def saved_leaves(self, step: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """`{dotted leaf name: shape and dtype}` of what `step` holds (e.g.
+    'method_state.past_predictions.rows')."""
     metadata = ocp.StandardCheckpointer().metadata(
         os.path.join(self._step_dir(step), "default")).item_metadata
-    return {leaf.name: tuple(leaf.shape) for leaf in jax.tree.leaves(metadata)}
+    return {leaf.name: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype)
+            for leaf in jax.tree.leaves(metadata)}
 
   def restore(self, abstract_state=None, adapt=None):
     """The newest step that verifies and restores into `abstract_state`'s shapes and shardings
     (None: the saved tree as plain arrays).
 
-    `adapt(saved_shapes) -> (target, convert)`, if given, chooses per step what to restore into
+    `adapt(saved_leaves) -> (target, convert)`, if given, chooses per step what to restore into
     (`target`) and how to turn it into `abstract_state`'s layout (`convert`, or None): how a
-    checkpoint written on another device count is read.
+    checkpoint written on another device count, or with another table layout, is read.
 
     Returns `(state, step)`. Every skipped step is reported through `log` with the reason.
 
@@ -310,7 +312,7 @@ class Checkpointer:
           if adapt is None:
             state = self._manager.restore(step, args=args)
           else:
-            target, convert = adapt(self.saved_shapes(step))
+            target, convert = adapt(self.saved_leaves(step))
             state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
             state = convert(state) if convert is not None else state
         except Exception as e:  # pylint: disable=broad-except  (any failure: try an older one)

@@ -55,9 +55,12 @@ def _map_named(fn, tree):
 
 
 def _fit_rows(rows: jax.Array, like: jax.ShapeDtypeStruct) -> jax.Array:
-  """`rows` cut or zero-padded along axis 0 to `like`'s row count, laid out as `like`."""
+  """`rows` cut or zero-padded along axis 0 to `like`'s row count, laid out as `like`; bfloat16
+  values become the bits `like` (a table's `uint16` storage) holds."""
 
   def fit(x):
+    if x.dtype != like.dtype:
+      x = jax.lax.bitcast_convert_type(x, like.dtype)
     kept = x[:min(x.shape[0], like.shape[0])]
     return jnp.pad(kept, [(0, like.shape[0] - kept.shape[0])] + [(0, 0)] * (x.ndim - 1))
 
@@ -92,30 +95,35 @@ class ShardMapRunner:
                         abstract, self.shardings(abstract))
 
   def table_rows_adapter(self, abstract_state):
-    """A `Checkpointer.restore` adapter for checkpoints written on another device count.
+    """A `Checkpointer.restore` adapter for checkpoints written on another device count, or
+    with bfloat16 tables stored as values.
 
     Tables are padded to a multiple of the device count, so a checkpoint from another count
     can hold more or fewer rows than this run's tables. Those leaves are restored replicated
     (a transient whole table per device), cut or zero-padded to this run's row count (the rows
-    past the dataset are padding, never read) and sharded by rows again. Every other leaf, and
-    every table whose row count matches, restores as usual.
+    past the dataset are padding, never read) and sharded by rows again. bfloat16 tables are
+    stored as their bits (`uint16`, see `methods.per_example`); checkpoints written before that
+    hold bfloat16 values, which are read as such and bitcast, never converted numerically.
+    Every other leaf, and every table that matches, restores as usual.
     """
     named = _leaf_names(abstract_state)
     replicated = NamedSharding(self.mesh, PartitionSpec())
 
-    def adapt(saved_shapes):
+    def adapt(saved_leaves):
       def is_moved(name, leaf):
-        saved = saved_shapes.get(name)
-        return (saved is not None and saved != leaf.shape and len(saved) == len(leaf.shape)
-                and saved[1:] == leaf.shape[1:]
-                and leaf.sharding.spec == PartitionSpec(AXIS))
+        saved = saved_leaves.get(name)
+        if saved is None or leaf.sharding.spec != PartitionSpec(AXIS):
+          return False
+        as_values = saved.dtype == jnp.bfloat16 and leaf.dtype == jnp.uint16
+        return ((saved.shape != leaf.shape or as_values) and saved.shape[1:] == leaf.shape[1:]
+                and (saved.dtype == leaf.dtype or as_values))
 
       moved = {name for name, leaf in named.items() if is_moved(name, leaf)}
       if not moved:
         return abstract_state, None
       target = _map_named(
-          lambda name, leaf: (jax.ShapeDtypeStruct(saved_shapes[name], leaf.dtype,
-                                                   sharding=replicated)
+          lambda name, leaf: (jax.ShapeDtypeStruct(saved_leaves[name].shape,
+                                                   saved_leaves[name].dtype, sharding=replicated)
                               if name in moved else leaf), abstract_state)
 
       def convert(state):
