@@ -4,6 +4,7 @@
 # side-by-side) are installed.
 #
 #   bash benchmarks/gpu.sh            # results under benchmarks/results/, named by the device
+#   OUT=/tmp/try bash benchmarks/gpu.sh   # elsewhere (required where JAX sees no GPU)
 #
 # 1. step_time.py at CIFAR scale (PreAct ResNet-18, 32x32x3, 100 classes, batch 128), fp32 and
 #    bf16, ten methods spanning every kind of cost: time, XLA FLOPs and bytes, ratios to CE;
@@ -17,9 +18,16 @@ set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
-OUT=benchmarks/results
+OUT=${OUT:-benchmarks/results}
+PLATFORM=$($PY -c "import jax; print(jax.default_backend())") || exit 1
+if [ "$PLATFORM" = cpu ] && [ "$OUT" = benchmarks/results ]; then
+  # It would overwrite this CPU's committed results (results/cpu.json, scale_cpu.json) with
+  # numbers from GPU-sized settings.
+  echo "gpu.sh: JAX sees no GPU (backend cpu); to try the script on CPU, set OUT=<a scratch folder>" >&2
+  exit 1
+fi
 SLUG=$($PY -c "import jax, sys; sys.path.insert(0, 'benchmarks'); import step_time; print(step_time.device_slug(jax.devices()[0].device_kind))")
-echo "device: $SLUG"
+echo "device: $SLUG ($PLATFORM), results in $OUT"
 mkdir -p "$OUT"
 status=0
 

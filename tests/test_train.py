@@ -148,6 +148,19 @@ def test_epoch_end_eval_refresh_writes_every_row(tmp_path):
   np.testing.assert_allclose(rows.sum(-1), 1.0, rtol=1e-5)
 
 
+def test_bfloat16_table_trains_and_checkpoints_its_bits(tmp_path):
+  """storage_dtype='bfloat16' end to end on 2 devices: the checkpoint holds the table as bits
+  (uint16), and they decode to the epoch's probability rows (every example seen once)."""
+  config = tiny_config(num_devices=2, num_epochs=1)
+  config.method.storage_dtype = "bfloat16"
+  loop.train_and_evaluate(config, str(tmp_path))
+  rows = final_state(str(tmp_path))["method_state"]["past_predictions"]["rows"]
+  assert rows.dtype == np.uint16 and rows.shape == (512, 10)
+  values = rows.view(jax.numpy.bfloat16).astype(np.float32)
+  assert values.min() >= 0.0
+  np.testing.assert_allclose(values.sum(-1), 1.0, rtol=1e-2)  # bf16 keeps 8 significant bits
+
+
 def test_non_finite_loss_stops_with_the_step(tmp_path):
   config = tiny_config(num_devices=1, num_epochs=1, log_every_steps=1,
                        checkpoint_every_steps=1)
