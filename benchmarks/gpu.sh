@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/gpu.sh            # results under benchmarks/results/, named by the device
 #   OUT=/tmp/try bash benchmarks/gpu.sh   # elsewhere (required where JAX sees no GPU)
+#   QUICK=1 OUT=/tmp/try bash benchmarks/gpu.sh   # every part at toy sizes: checks the script
+#                                                  # itself on a CPU in a few minutes
 #
 # 1. step_time.py at CIFAR scale (PreAct ResNet-18, 32x32x3, 100 classes, batch 128), fp32 and
 #    bf16, ten methods spanning every kind of cost: time, XLA FLOPs and bytes, ratios to CE;
@@ -26,6 +28,18 @@ if [ "$PLATFORM" = cpu ] && [ "$OUT" = benchmarks/results ]; then
   echo "gpu.sh: JAX sees no GPU (backend cpu); to try the script on CPU, set OUT=<a scratch folder>" >&2
   exit 1
 fi
+if [ "${QUICK:-0}" = 1 ]; then
+  STEP_ARGS=(--model=mlp --methods=ce,pskd --steps=2 --rounds=1 --warmup=1 --num_examples=1024)
+  TORCH_ARGS=(--steps=2 --rounds=1 --warmup=1 --batch_size=16 --num_examples=256)
+  SCALE_ARGS=(--num_examples=5000,20000 --num_classes=100 --steps=2 --saves=1)
+  TRAIN_ARGS=(--config.num_epochs=1 --config.data.limit_train=1024)
+else
+  STEP_ARGS=(--model=preact_resnet18 --methods=ce,ls,pskd,zipf,ras_kd,kd,cskd,mrkd,byot,lsskd
+             --steps=10 --rounds=2 --warmup=3)
+  TORCH_ARGS=(--steps=20 --rounds=2 --warmup=5)
+  SCALE_ARGS=(--steps=20 --saves=2)
+  TRAIN_ARGS=(--config.num_epochs=3)
+fi
 SLUG=$($PY -c "import jax, sys; sys.path.insert(0, 'benchmarks'); import step_time; print(step_time.device_slug(jax.devices()[0].device_kind))")
 echo "device: $SLUG ($PLATFORM), results in $OUT"
 mkdir -p "$OUT"
@@ -41,19 +55,19 @@ part() {  # part <seconds> <name> <command...>
   [ $rc -eq 0 ] || status=1
 }
 
-# Nine methods that span the kinds of cost (targets only, extra forwards, heads, rotations).
-part 220 "step time" $PY benchmarks/step_time.py --model=preact_resnet18 --batch_size=128 \
-    --methods=ce,ls,pskd,zipf,ras_kd,kd,cskd,mrkd,byot,lsskd \
-    --dtypes=float32,bfloat16 --steps=10 --rounds=2 --warmup=3 --out="$OUT/$SLUG.json"
+# Ten methods that span the kinds of cost (targets only, extra forwards, heads, rotations).
+part 220 "step time" $PY benchmarks/step_time.py --batch_size=128 --dtypes=float32,bfloat16 \
+    "${STEP_ARGS[@]}" --out="$OUT/$SLUG.json"
 
-if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  part 100 "pytorch side by side" $PY benchmarks/torch_side_by_side.py --device=cuda \
-      --steps=20 --rounds=2 --warmup=5 --out="$OUT/torch_side_by_side_$SLUG.json"
+TORCH_DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
+if [ "$TORCH_DEVICE" = cuda ] || { [ "${QUICK:-0}" = 1 ] && [ "$TORCH_DEVICE" = cpu ]; }; then
+  part 100 "pytorch side by side" $PY benchmarks/torch_side_by_side.py --device="$TORCH_DEVICE" \
+      "${TORCH_ARGS[@]}" --out="$OUT/torch_side_by_side_$SLUG.json"
 else
   echo "== pytorch side by side: skipped (no torch with CUDA: pip install -r benchmarks/requirements-torch.txt)"
 fi
 
-part 130 "scale" $PY benchmarks/scale.py --steps=20 --saves=2 --out="$OUT/scale_$SLUG.json"
+part 130 "scale" $PY benchmarks/scale.py "${SCALE_ARGS[@]}" --out="$OUT/scale_$SLUG.json"
 
 DATA=/usr/share/datasets/fashion-mnist
 WORK=$(mktemp -d)
@@ -75,7 +89,7 @@ EOF
   echo "(training on synthetic Fashion-MNIST-format data: the accuracy means nothing)"
 fi
 part 100 "pskd training" $PY launch.py --config=configs/fashion_mnist/pskd.py \
-    --config.data.dir="$DATA" --config.num_epochs=3 --config.progress_bar=False \
+    --config.data.dir="$DATA" "${TRAIN_ARGS[@]}" --config.progress_bar=False \
     --workdir="$WORK/run"
 cp "$WORK/run/results.json" "$OUT/fashion_mnist_pskd_train_$SLUG.json" 2>/dev/null || true
 rm -rf "$WORK"

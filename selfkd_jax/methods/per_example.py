@@ -79,7 +79,7 @@ class PerExampleTable:
 jax.tree_util.register_dataclass(PerExampleTable, data_fields=["rows"], meta_fields=["dtype"])
 
 
-def storage_dtype(dtype: Any) -> np.dtype:
+def _stored_dtype(dtype: Any) -> np.dtype:
   """The dtype a table of `dtype` values keeps its rows in: `uint16` for bfloat16, else itself."""
   dtype = np.dtype(dtype)
   return np.dtype(np.uint16) if dtype == jnp.bfloat16 else dtype
@@ -88,7 +88,7 @@ def storage_dtype(dtype: Any) -> np.dtype:
 def _to_storage(values: jax.Array, dtype: np.dtype) -> jax.Array:
   """`values` cast to `dtype`, then as the table stores them."""
   values = jnp.asarray(values).astype(dtype)
-  stored = storage_dtype(dtype)
+  stored = _stored_dtype(dtype)
   return values if stored == dtype else lax.bitcast_convert_type(values, stored)
 
 
@@ -103,7 +103,7 @@ def create_table(num_examples: int, row_shape: tuple[int, ...], dtype: Any = jnp
     raise ValueError(f"num_examples must be positive, got {num_examples}")
   dtype = np.dtype(dtype)
   fill = _to_storage(jnp.asarray(fill_value), dtype)  # one scalar: no whole table of values
-  return PerExampleTable(jnp.full((num_examples, *row_shape), fill, storage_dtype(dtype)), dtype)
+  return PerExampleTable(jnp.full((num_examples, *row_shape), fill, _stored_dtype(dtype)), dtype)
 
 
 def _is_table(x: Any) -> bool:
@@ -188,7 +188,7 @@ def gather_rows(table: PerExampleTable, indices: jax.Array,
   local, owned = _owned_positions(table, indices, axis_name)
   safe = jnp.clip(local, 0, table.rows.shape[0] - 1)
   mask = owned.reshape(owned.shape + (1,) * (table.rows.ndim - 1))
-  # Exchanged as values, not bits: collectives of 16-bit integers are not on every backend.
+  # Summed as values, not bits: NCCL, for one, has no 16-bit integer type to reduce.
   contributions = jnp.where(mask, _from_storage(table.rows[safe], dtype), jnp.zeros((), dtype))
   return lax.psum_scatter(contributions, axis_name, scatter_dimension=0, tiled=True)
 
