@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import jax
 import numpy as np
@@ -159,6 +160,45 @@ def test_bfloat16_table_trains_and_checkpoints_its_bits(tmp_path):
   values = rows.view(jax.numpy.bfloat16).astype(np.float32)
   assert values.min() >= 0.0
   np.testing.assert_allclose(values.sum(-1), 1.0, rtol=1e-2)  # bf16 keeps 8 significant bits
+
+
+def test_a_stop_during_an_epochs_last_step_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
+  """SIGTERM during step 8, the last of epoch 1: the checkpoint must hold epoch 1's end (the
+  eval-mode refresh of every table row, the evaluation), or the resumed run skips it."""
+  def config():
+    return tiny_config(num_devices=1, **{"method.refresh": "epoch_end_eval"})
+
+  loop.train_and_evaluate(config(), str(tmp_path / "whole"))
+
+  compile_steps = loop.Experiment.compile
+
+  def compile_with_a_signal_in_step_8(self, abstract_state):
+    compile_steps(self, abstract_state)
+    train_step, calls = self.train_step, []
+
+    def step(*args):
+      calls.append(None)
+      if len(calls) == 8:
+        signal.raise_signal(signal.SIGTERM)  # caught by the loop's handler: a flag
+      return train_step(*args)
+
+    self.train_step = step
+
+  workdir = str(tmp_path / "stopped")
+  with monkeypatch.context() as patch:
+    patch.setattr(loop.Experiment, "compile", compile_with_a_signal_in_step_8)
+    with pytest.raises(loop.Preempted, match="saved a checkpoint at step 8"):
+      loop.train_and_evaluate(config(), workdir)
+  loop.train_and_evaluate(config(), workdir)
+
+  def evaluations(run):  # eval_history.json without the wall-clock times
+    with open(tmp_path / run / "eval_history.json") as f:
+      return [{k: v for k, v in entry.items() if k != "wall_s"} for entry in json.load(f)]
+
+  assert [entry["epoch"] for entry in evaluations("stopped")] == [1, 2]
+  assert evaluations("stopped") == evaluations("whole")
+  jax.tree.map(np.testing.assert_array_equal, final_state(workdir),
+               final_state(str(tmp_path / "whole")))
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):

@@ -381,13 +381,6 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
             train_images += (step - window_start) * config.batch_size
           tick, window_start = now, step
           _update_progress(progress, step, last_values, train_images, train_time)
-        at_check_step = (step % log_every == 0 or step % steps_per_epoch == 0
-                         or step % checkpoint_every == 0 or step == total_steps)
-        signum = stop.agreed(at_check_step)
-        if signum:
-          save(step)
-          raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step}; "
-                          "run the same command to resume", signum)
         if step % steps_per_epoch == 0:
           epoch = step // steps_per_epoch
           if experiment.refresh_step is not None:
@@ -405,6 +398,15 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
             log.write_eval_history(history)
             _log_line(_epoch_line(epoch, config.num_epochs, last_values, metrics_now))
           tick = time.time()
+        # After the epoch's end, so that a checkpoint at an epoch boundary always holds it (the
+        # refreshed table; the evaluation is in the history): resume starts with the next epoch.
+        at_check_step = (step % log_every == 0 or step % steps_per_epoch == 0
+                         or step % checkpoint_every == 0 or step == total_steps)
+        signum = stop.agreed(at_check_step)
+        if signum:
+          save(step)
+          raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step}; "
+                          "run the same command to resume", signum)
         if step % checkpoint_every == 0 or step == total_steps:
           save(step)
     finally:
