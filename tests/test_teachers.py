@@ -162,7 +162,8 @@ def test_best_epoch_teacher_distils_the_variables_of_its_best_test_epoch(tmp_pat
   forced_top1 = iter([0.5, 0.7, 0.7])
   real_evaluate = loop.Experiment.evaluate
   monkeypatch.setattr(loop.Experiment, "evaluate",
-                      lambda self, state: {**real_evaluate(self, state), "top1": next(forced_top1)})
+                      lambda self, state, **kw: {**real_evaluate(self, state, **kw),
+                                                 "top1": next(forced_top1)})
   teacher_dir = tmp_path / "teacher"
   config = student_config(teacher_dir, num_devices=1)
   config.teacher = teacher_config("configs/fashion_mnist/ce.py", workdir=str(teacher_dir),

@@ -162,43 +162,79 @@ def test_bfloat16_table_trains_and_checkpoints_its_bits(tmp_path):
   np.testing.assert_allclose(values.sum(-1), 1.0, rtol=1e-2)  # bf16 keeps 8 significant bits
 
 
-def test_a_stop_during_an_epochs_last_step_resumes_as_if_uninterrupted(tmp_path, monkeypatch):
-  """SIGTERM during step 8, the last of epoch 1: the checkpoint must hold epoch 1's end (the
-  eval-mode refresh of every table row, the evaluation), or the resumed run skips it."""
-  def config():
-    return tiny_config(num_devices=1, **{"method.refresh": "epoch_end_eval"})
-
-  loop.train_and_evaluate(config(), str(tmp_path / "whole"))
-
+def _signal_in_step_8(monkeypatch):
+  """SIGTERM raised inside the 8th train step (the last of epoch 1); the loop's handler turns
+  it into a flag, as for a real signal."""
   compile_steps = loop.Experiment.compile
 
-  def compile_with_a_signal_in_step_8(self, abstract_state):
+  def compile_with_a_signal(self, abstract_state):
     compile_steps(self, abstract_state)
     train_step, calls = self.train_step, []
 
     def step(*args):
       calls.append(None)
       if len(calls) == 8:
-        signal.raise_signal(signal.SIGTERM)  # caught by the loop's handler: a flag
+        signal.raise_signal(signal.SIGTERM)
       return train_step(*args)
 
     self.train_step = step
 
-  workdir = str(tmp_path / "stopped")
+  monkeypatch.setattr(loop.Experiment, "compile", compile_with_a_signal)
+
+
+def _signal_in_the_first_evaluation(monkeypatch):
+  """SIGTERM raised while the first evaluation (epoch 1's) reads its first batch."""
+  sequential, passes = loop.Experiment._sequential, []
+
+  def sequential_with_a_signal(self, source):
+    passes.append(None)
+    for i, batch in enumerate(sequential(self, source)):
+      if len(passes) == 1 and i == 0:
+        signal.raise_signal(signal.SIGTERM)
+      yield batch
+
+  monkeypatch.setattr(loop.Experiment, "_sequential", sequential_with_a_signal)
+
+
+def _epoch_end_eval_config():
+  return tiny_config(num_devices=1, **{"method.refresh": "epoch_end_eval"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_epoch_end_eval_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("whole")
+  loop.train_and_evaluate(_epoch_end_eval_config(), str(workdir))
+  return workdir
+
+
+def _evaluations(workdir):
+  """eval_history.json without the wall-clock times ([] before the first evaluation)."""
+  path = os.path.join(workdir, "eval_history.json")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [{k: v for k, v in entry.items() if k != "wall_s"} for entry in json.load(f)]
+
+
+@pytest.mark.parametrize("when", ["last_step", "evaluation"])
+def test_a_stop_at_an_epochs_end_resumes_as_if_uninterrupted(
+    tmp_path, monkeypatch, when, uninterrupted_epoch_end_eval_run):
+  """SIGTERM during step 8, the last of epoch 1, or during epoch 1's evaluation. The run
+  refreshes every table row (eval mode), abandons the evaluation, saves step 8 and exits;
+  resumed, it evaluates epoch 1 and goes on: bitwise the same state and the same evaluations
+  as the uninterrupted run. (A boundary checkpoint saved before the refresh used to be
+  resumed without it.)"""
+  whole, workdir = str(uninterrupted_epoch_end_eval_run), str(tmp_path)
   with monkeypatch.context() as patch:
-    patch.setattr(loop.Experiment, "compile", compile_with_a_signal_in_step_8)
+    (_signal_in_step_8 if when == "last_step" else _signal_in_the_first_evaluation)(patch)
     with pytest.raises(loop.Preempted, match="saved a checkpoint at step 8"):
-      loop.train_and_evaluate(config(), workdir)
-  loop.train_and_evaluate(config(), workdir)
+      loop.train_and_evaluate(_epoch_end_eval_config(), workdir)
+  assert _evaluations(workdir) == []  # the stop cut the evaluation short in both cases
 
-  def evaluations(run):  # eval_history.json without the wall-clock times
-    with open(tmp_path / run / "eval_history.json") as f:
-      return [{k: v for k, v in entry.items() if k != "wall_s"} for entry in json.load(f)]
-
-  assert [entry["epoch"] for entry in evaluations("stopped")] == [1, 2]
-  assert evaluations("stopped") == evaluations("whole")
-  jax.tree.map(np.testing.assert_array_equal, final_state(workdir),
-               final_state(str(tmp_path / "whole")))
+  loop.train_and_evaluate(_epoch_end_eval_config(), workdir)
+  assert [entry["epoch"] for entry in _evaluations(workdir)] == [1, 2]
+  assert _evaluations(workdir) == _evaluations(whole)
+  jax.tree.map(np.testing.assert_array_equal, final_state(workdir), final_state(whole))
 
 
 def test_non_finite_loss_stops_with_the_step(tmp_path):

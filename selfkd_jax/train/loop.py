@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -35,6 +35,14 @@ from selfkd_jax.train.workdir_lock import WorkdirLock, prepare_workdir
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
+
+
+class EvaluationStopped(Exception):
+  """A stop signal arrived during an evaluation, which was abandoned."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
 
 
 class Preempted(Exception):
@@ -225,12 +233,20 @@ class Experiment:
                                     num_processes=self.num_processes)
     return parallel.prefetch(batches, self.runner.put_batch)
 
-  def evaluate(self, state) -> dict[str, float]:
-    """Metrics over the whole test split, identical for any number of devices or hosts."""
+  def evaluate(self, state, should_stop: Callable[[], int | None] | None = None
+               ) -> dict[str, float]:
+    """Metrics over the whole test split, identical for any number of devices or hosts.
+
+    `should_stop()`, if given, is asked after every batch (as often on every process) and
+    returns a signal number to abandon the pass: `EvaluationStopped`.
+    """
     stats, masks = [], []
     for batch in self._sequential(self.test_source):
       stats.append(self.runner.fetch(self.eval_step(state, batch)))
       masks.append(self.runner.fetch(batch["mask"]))
+      signum = should_stop() if should_stop is not None else None
+      if signum:
+        raise EvaluationStopped(signum)
     keep = np.concatenate(masks) > 0
     merged = {k: np.concatenate([s[k] for s in stats])[keep] for k in stats[0]}
     exits = {k[len(EXIT_PREFIX):]: float(np.mean(merged.pop(k))) for k in list(merged)
@@ -357,6 +373,36 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
     flush_metrics()  # never checkpoint a state whose loss was not checked
     checkpointer.save(step, runner.to_global(state))
 
+  def save_and_stop(step, signum):
+    if step not in checkpointer.steps():  # else: stopped again in a resumed evaluation
+      save(step)
+    raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step}; "
+                    "run the same command to resume", signum)
+
+  def evaluate_epoch(step, stop):
+    """The epoch's evaluation: history entry, best checkpoint, epoch line. A stop during it
+    saves `step` (the state is final for the epoch: refreshed, not evaluated) and ends the run;
+    resuming evaluates that epoch first."""
+    epoch = step // steps_per_epoch
+    try:
+      metrics_now = experiment.evaluate(state, should_stop=lambda: stop.agreed(True))
+    except EvaluationStopped as e:
+      save_and_stop(step, e.signum)
+    entry = {"epoch": epoch, "step": step,
+             "wall_s": wall_before + time.time() - started, **metrics_now}
+    if best_checkpointer is not None and all(
+        entry["top1"] > earlier["top1"] for earlier in history):
+      # Before the regular save: a stop in between replays this epoch and saves again.
+      best_checkpointer.save(step, teacher_lib.variables_of(runner.to_global(state)))
+    history.append(entry)
+    log.write("eval", step, {f"test_{k}": v for k, v in metrics_now.items()})
+    log.write_eval_history(history)
+    _log_line(_epoch_line(epoch, config.num_epochs, last_values, metrics_now))
+
+  def evaluation_due(step):
+    return (step // steps_per_epoch % config.get("eval_every_epochs", 1) == 0
+            or step == total_steps)
+
   batches = data_lib.TrainBatches(
       experiment.train_source, seed=config.seed, global_batch_size=config.batch_size,
       start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
@@ -367,6 +413,10 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
   last_values = None
   with _StopSignals() as stop:
     try:
+      if (resumed and start_step > 0 and start_step % steps_per_epoch == 0
+          and evaluation_due(start_step)
+          and not any(e["epoch"] == start_step // steps_per_epoch for e in history)):
+        evaluate_epoch(start_step, stop)  # stopped during this evaluation last time
       step = window_start = start_step
       tick = time.time()
       for batch in device_batches:
@@ -382,31 +432,18 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
           tick, window_start = now, step
           _update_progress(progress, step, last_values, train_images, train_time)
         if step % steps_per_epoch == 0:
-          epoch = step // steps_per_epoch
           if experiment.refresh_step is not None:
             state = experiment.refresh(state)
-          if epoch % config.get("eval_every_epochs", 1) == 0 or step == total_steps:
-            metrics_now = experiment.evaluate(state)
-            entry = {"epoch": epoch, "step": step,
-                     "wall_s": wall_before + time.time() - started, **metrics_now}
-            if best_checkpointer is not None and all(
-                entry["top1"] > earlier["top1"] for earlier in history):
-              # Before the regular save: a stop in between replays this epoch and saves again.
-              best_checkpointer.save(step, teacher_lib.variables_of(runner.to_global(state)))
-            history.append(entry)
-            log.write("eval", step, {f"test_{k}": v for k, v in metrics_now.items()})
-            log.write_eval_history(history)
-            _log_line(_epoch_line(epoch, config.num_epochs, last_values, metrics_now))
+          if evaluation_due(step):
+            evaluate_epoch(step, stop)
           tick = time.time()
-        # After the epoch's end, so that a checkpoint at an epoch boundary always holds it (the
-        # refreshed table; the evaluation is in the history): resume starts with the next epoch.
+        # After the epoch's end, so that a checkpoint at an epoch boundary holds its refreshed
+        # table. (An evaluation cut short by a stop saves this step too; resume evaluates again.)
         at_check_step = (step % log_every == 0 or step % steps_per_epoch == 0
                          or step % checkpoint_every == 0 or step == total_steps)
         signum = stop.agreed(at_check_step)
         if signum:
-          save(step)
-          raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step}; "
-                          "run the same command to resume", signum)
+          save_and_stop(step, signum)
         if step % checkpoint_every == 0 or step == total_steps:
           save(step)
     finally:
