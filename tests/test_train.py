@@ -182,22 +182,27 @@ def _signal_in_step_8(monkeypatch):
   monkeypatch.setattr(loop.Experiment, "compile", compile_with_a_signal)
 
 
-def _signal_in_the_first_evaluation(monkeypatch):
-  """SIGTERM raised while the first evaluation (epoch 1's) reads its first batch."""
-  sequential, passes = loop.Experiment._sequential, []
+def _watch_passes(monkeypatch, signal_in=None):
+  """`{'train' or 'test': batches the latest pass over that split handed out}`, filled as the
+  run goes (the refresh reads the training set, the evaluation the test set). With `signal_in`,
+  SIGTERM is raised as the first pass over that split hands out its first batch."""
+  sequential, taken = loop.Experiment._sequential, {}
 
-  def sequential_with_a_signal(self, source):
-    passes.append(None)
+  def watched(self, source):
+    split = "train" if source is self.train_source else "test"
+    first = split not in taken
     for i, batch in enumerate(sequential(self, source)):
-      if len(passes) == 1 and i == 0:
+      taken[split] = i + 1
+      if first and i == 0 and split == signal_in:
         signal.raise_signal(signal.SIGTERM)
       yield batch
 
-  monkeypatch.setattr(loop.Experiment, "_sequential", sequential_with_a_signal)
+  monkeypatch.setattr(loop.Experiment, "_sequential", watched)
+  return taken
 
 
 def _epoch_end_eval_config():
-  return tiny_config(num_devices=1, **{"method.refresh": "epoch_end_eval"})
+  return tiny_config(num_devices=1, eval_batch_size=256, **{"method.refresh": "epoch_end_eval"})
 
 
 @pytest.fixture(scope="module")
@@ -219,17 +224,21 @@ def _evaluations(workdir):
 @pytest.mark.parametrize("when", ["last_step", "evaluation"])
 def test_a_stop_at_an_epochs_end_resumes_as_if_uninterrupted(
     tmp_path, monkeypatch, when, uninterrupted_epoch_end_eval_run):
-  """SIGTERM during step 8, the last of epoch 1, or during epoch 1's evaluation. The run
-  refreshes every table row (eval mode), abandons the evaluation, saves step 8 and exits;
-  resumed, it evaluates epoch 1 and goes on: bitwise the same state and the same evaluations
-  as the uninterrupted run. (A boundary checkpoint saved before the refresh used to be
-  resumed without it.)"""
+  """SIGTERM during step 8 (the last of epoch 1) or during epoch 1's evaluation. The run stops
+  the pass of the epoch's end it is in after one batch (the refresh, PS-KD's eval-mode rewrite
+  of every table row, 2 batches; the evaluation, 40), saves step 8 and exits; resumed, it does
+  epoch 1's end again and goes on: bitwise the same state and the same evaluations as the
+  uninterrupted run. (A boundary checkpoint saved before the refresh used to be resumed
+  without it; the passes used to run to their end.)"""
   whole, workdir = str(uninterrupted_epoch_end_eval_run), str(tmp_path)
   with monkeypatch.context() as patch:
-    (_signal_in_step_8 if when == "last_step" else _signal_in_the_first_evaluation)(patch)
+    if when == "last_step":
+      _signal_in_step_8(patch)
+    taken = _watch_passes(patch, signal_in="test" if when == "evaluation" else None)
     with pytest.raises(loop.Preempted, match="saved a checkpoint at step 8"):
       loop.train_and_evaluate(_epoch_end_eval_config(), workdir)
-  assert _evaluations(workdir) == []  # the stop cut the evaluation short in both cases
+  assert taken == ({"train": 1} if when == "last_step" else {"train": 2, "test": 1})
+  assert _evaluations(workdir) == []
 
   loop.train_and_evaluate(_epoch_end_eval_config(), workdir)
   assert [entry["epoch"] for entry in _evaluations(workdir)] == [1, 2]

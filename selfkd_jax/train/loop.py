@@ -37,12 +37,15 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
 
 
-class EvaluationStopped(Exception):
-  """A stop signal arrived during an evaluation, which was abandoned."""
+class PassStopped(Exception):
+  """A stop signal arrived during an evaluation or refresh pass, which was abandoned.
 
-  def __init__(self, signum: int):
+  `state`: for a refresh, the state as far as the pass got (the one passed in was donated).
+  """
+
+  def __init__(self, signum: int, state=None):
     super().__init__(signal.Signals(signum).name)
-    self.signum = signum
+    self.signum, self.state = signum, state
 
 
 class Preempted(Exception):
@@ -238,7 +241,7 @@ class Experiment:
     """Metrics over the whole test split, identical for any number of devices or hosts.
 
     `should_stop()`, if given, is asked after every batch (as often on every process) and
-    returns a signal number to abandon the pass: `EvaluationStopped`.
+    returns a signal number to abandon the pass: `PassStopped`.
     """
     stats, masks = [], []
     for batch in self._sequential(self.test_source):
@@ -246,7 +249,7 @@ class Experiment:
       masks.append(self.runner.fetch(batch["mask"]))
       signum = should_stop() if should_stop is not None else None
       if signum:
-        raise EvaluationStopped(signum)
+        raise PassStopped(signum)
     keep = np.concatenate(masks) > 0
     merged = {k: np.concatenate([s[k] for s in stats])[keep] for k in stats[0]}
     exits = {k[len(EXIT_PREFIX):]: float(np.mean(merged.pop(k))) for k in list(merged)
@@ -259,9 +262,17 @@ class Experiment:
       metrics["exit_top1"] = exits
     return metrics
 
-  def refresh(self, state):
+  def refresh(self, state, should_stop: Callable[[], int | None] | None = None):
+    """The method's end-of-epoch pass over the training set; `should_stop` as in `evaluate`.
+
+    Every row it writes depends only on the model's variables and the example, so a pass cut
+    short is simply done again (resume does).
+    """
     for batch in self._sequential(self.train_source):
       state = self.refresh_step(state, batch)
+      signum = should_stop() if should_stop is not None else None
+      if signum:
+        raise PassStopped(signum, state)
     return state
 
 
@@ -374,19 +385,38 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
     checkpointer.save(step, runner.to_global(state))
 
   def save_and_stop(step, signum):
-    if step not in checkpointer.steps():  # else: stopped again in a resumed evaluation
+    if not (resumed and step == start_step):  # else: stopped again while finishing its end
       save(step)
     raise Preempted(f"{signal.Signals(signum).name}: saved a checkpoint at step {step}; "
                     "run the same command to resume", signum)
 
+  def end_epoch(step, stop):
+    """The epoch's end: the method's refresh pass, then the evaluation when due (history entry,
+    best checkpoint, epoch line). A stop during either abandons it, saves `step` and ends the
+    run; resuming at `step` without its evaluation does the epoch's end again (`resume_end`)."""
+    nonlocal state
+    if experiment.refresh_step is not None:
+      try:
+        state = experiment.refresh(state, should_stop=lambda: stop.agreed(True))
+      except PassStopped as e:
+        state = e.state
+        save_and_stop(step, e.signum)
+    if evaluation_due(step):
+      evaluate_epoch(step, stop)
+
+  def resume_end(step, stop):
+    """At an epoch boundary, the end a stop cut short: an epoch that was evaluated has ended."""
+    epoch = step // steps_per_epoch
+    if step > 0 and step % steps_per_epoch == 0 and not any(e["epoch"] == epoch for e in history):
+      if experiment.refresh_step is not None or evaluation_due(step):
+        _log_line(f"Finishing the end of epoch {epoch}, which a stop cut short")
+        end_epoch(step, stop)
+
   def evaluate_epoch(step, stop):
-    """The epoch's evaluation: history entry, best checkpoint, epoch line. A stop during it
-    saves `step` (the state is final for the epoch: refreshed, not evaluated) and ends the run;
-    resuming evaluates that epoch first."""
     epoch = step // steps_per_epoch
     try:
       metrics_now = experiment.evaluate(state, should_stop=lambda: stop.agreed(True))
-    except EvaluationStopped as e:
+    except PassStopped as e:
       save_and_stop(step, e.signum)
     entry = {"epoch": epoch, "step": step,
              "wall_s": wall_before + time.time() - started, **metrics_now}
@@ -413,10 +443,8 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
   last_values = None
   with _StopSignals() as stop:
     try:
-      if (resumed and start_step > 0 and start_step % steps_per_epoch == 0
-          and evaluation_due(start_step)
-          and not any(e["epoch"] == start_step // steps_per_epoch for e in history)):
-        evaluate_epoch(start_step, stop)  # stopped during this evaluation last time
+      if resumed:
+        resume_end(start_step, stop)
       step = window_start = start_step
       tick = time.time()
       for batch in device_batches:
@@ -432,13 +460,10 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
           tick, window_start = now, step
           _update_progress(progress, step, last_values, train_images, train_time)
         if step % steps_per_epoch == 0:
-          if experiment.refresh_step is not None:
-            state = experiment.refresh(state)
-          if evaluation_due(step):
-            evaluate_epoch(step, stop)
+          end_epoch(step, stop)
           tick = time.time()
-        # After the epoch's end, so that a checkpoint at an epoch boundary holds its refreshed
-        # table. (An evaluation cut short by a stop saves this step too; resume evaluates again.)
+        # After the epoch's end, so that a checkpoint at an epoch boundary holds it unless a
+        # stop cut it short (then resume_end finishes it).
         at_check_step = (step % log_every == 0 or step % steps_per_epoch == 0
                          or step % checkpoint_every == 0 or step == total_steps)
         signum = stop.agreed(at_check_step)
