@@ -409,7 +409,7 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
     epoch = step // steps_per_epoch
     if step > 0 and step % steps_per_epoch == 0 and not any(e["epoch"] == epoch for e in history):
       if experiment.refresh_step is not None or evaluation_due(step):
-        _log_line(f"Finishing the end of epoch {epoch}, which a stop cut short")
+        _log_line(f"Doing the end of epoch {epoch} again: no evaluation of it is recorded")
         end_epoch(step, stop)
 
   def evaluate_epoch(step, stop):
