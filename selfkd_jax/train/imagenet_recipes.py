@@ -16,14 +16,16 @@ The solver is not in the script's defaults (they are CIFAR-100's: 300 epochs, lr
 150/225, wd 5e-4) nor in its README, which gives no ImageNet command. This uses the standard
 ImageNet ResNet solver (He et al. 2016; torchvision's reference recipe): 90 epochs, global batch
 256, SGD momentum 0.9, lr 0.1 x0.1 at epochs 30 and 60, weight decay 1e-4. It is our choice,
-stated in every config; `--config.optimizer.*` and `--config.num_epochs` change it.
+stated in every config and in docs/RECIPES.md; `--config.optimizer.*` and
+`--config.num_epochs` change it.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from selfkd_jax.train.default_config import apply_smoke, base_config, parse_arg
+from selfkd_jax.train.default_config import (apply_smoke, base_config, parse_arg,
+                                             published_result)
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 MODELS = ("resnet152", "resnet50")
@@ -64,3 +66,16 @@ def pskd_imagenet(arg: str | None = None) -> tuple[ml_collections.ConfigDict, st
     config.data.image_size, config.data.resize_size = 64, 73
     config.batch_size = config.eval_batch_size = 64
   return config, model
+
+
+def pskd_imagenet_config(arg: str | None, method: ml_collections.ConfigDict
+                         ) -> ml_collections.ConfigDict:
+  """`pskd_imagenet(arg)` training `method` (one of PUBLISHED_ERROR's); ResNet-152 runs carry
+  the README's number as `config.published`."""
+  config, model = pskd_imagenet(arg)
+  config.method = method
+  if model == "resnet152":
+    error = PUBLISHED_ERROR[method.name]
+    config.published = published_result(round(100 - error, 2), "best",
+                                        f"PS-KD README, ResNet-152 (top-1 error {error})")
+  return config
