@@ -66,6 +66,9 @@ def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   return _shared_permutation(int(seed), int(epoch), int(num_examples)).copy()
 
 
+AUTO_MAX_WORKERS = 16
+
+
 def num_processes_for(workers: int, source, reader: str = "auto") -> int:
   """Resolves `config.data.workers` for `source`: the grain worker processes to read it with.
 
@@ -83,9 +86,6 @@ def num_processes_for(workers: int, source, reader: str = "auto") -> int:
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   cores = cores or 1
   return 0 if cores <= 2 else min(cores - 1, AUTO_MAX_WORKERS)
-
-
-AUTO_MAX_WORKERS = 16
 
 
 def _read_train(source, indices: np.ndarray, seed: int, epoch: int,

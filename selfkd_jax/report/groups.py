@@ -14,8 +14,7 @@ import json
 from typing import Any, Sequence
 
 from selfkd_jax.report.runs import ReportError, Run
-from selfkd_jax.train.workdir_files import (RESUMABLE_KEYS, without_added_defaults,
-                                            without_resumable)
+from selfkd_jax.train.workdir_files import RESUMABLE_KEYS, without_added_defaults, without_keys
 
 # The seed, and the keys a resume may change.
 IGNORED_KEYS = ("seed", *RESUMABLE_KEYS)
@@ -54,8 +53,7 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
 
 def _comparable(run: Run) -> dict[str, str]:
   # Keys added since older runs were written, at the value those runs had: the same run.
-  config = without_resumable(without_added_defaults(run.config))
-  config.pop("seed", None)
+  config = without_keys(without_added_defaults(run.config), IGNORED_KEYS)
   teacher = config.pop("teacher", None)
   flat = flatten(config)
   if isinstance(teacher, dict):

@@ -46,8 +46,14 @@ RESUMABLE_KEYS = ("progress_bar", "log_every_steps", "checkpoint_every_steps",
 
 def without_resumable(config_dict: dict) -> dict:
   """`config_dict` (as in config.json) without the `RESUMABLE_KEYS` (a copy)."""
+  return without_keys(config_dict, RESUMABLE_KEYS)
+
+
+def without_keys(config_dict: dict, keys) -> dict:
+  """`config_dict` (as in config.json) without `keys` (dotted: nested), a copy; the nested
+  dicts it changes are copied too, so the caller's dict is untouched."""
   kept = dict(config_dict)
-  for key in RESUMABLE_KEYS:
+  for key in keys:
     *parents, leaf = key.split(".")
     tree = kept
     for parent in parents:
@@ -58,6 +64,7 @@ def without_resumable(config_dict: dict) -> dict:
     else:
       tree.pop(leaf, None)
   return kept
+
 
 # Keys added after runs were already written, with the value that reproduces those runs: a
 # workdir config without the key, or with this value, is the same run (it resumes, and the
