@@ -286,6 +286,39 @@ def test_workers_survive_stop_signals_from_birth():
   assert values == [k * k for k in range(12)]
 
 
+def square_or_fail(key):
+  if key == 4:
+    raise data.DataError(f"example {key} is corrupt")
+  return {"value": np.full((256,), key * key)}
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="looks in /dev/shm")
+def test_a_closed_reader_has_unlinked_every_shared_memory_block(monkeypatch):
+  """grain unlinks the blocks a worker's results arrive in on a thread of its own, whose queue
+  is dropped at exit: multiprocessing then prints a "leaked shared_memory" warning after the
+  run's last line. close() waits for those unlinks; here each one is made slow, so a close
+  that did not wait would return while blocks still exist."""
+  from grain._src.python.ipc import shared_memory_array  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.data.grain_reader import GrainReader  # pylint: disable=g-import-not-at-top
+  unlinked = []
+  close_now = shared_memory_array.SharedMemoryArray.close_shm_async.__func__
+
+  def close_slowly(cls, shm, unlink):
+    time.sleep(0.2)
+    close_now(cls, shm, unlink)
+    unlinked.append(shm.name)
+
+  monkeypatch.setattr(shared_memory_array.SharedMemoryArray, "close_shm_async",
+                      classmethod(close_slowly))
+  values = []
+  with pytest.raises(data.DataError, match="example 4 is corrupt"):
+    with GrainReader(square_or_fail, range(8), num_processes=1) as reader:
+      values.extend(int(batch["value"][0]) for batch in reader)
+  assert values == [0, 1, 4, 9]
+  assert len(unlinked) >= len(values)
+  assert not [name for name in unlinked if os.path.exists(os.path.join("/dev/shm", name))]
+
+
 def test_auto_workers(splits, monkeypatch):
   train, _, _ = splits
   for cores, expected in ((1, 0), (2, 0), (3, 2), (8, 7), (64, 16)):
