@@ -219,6 +219,40 @@ def test_cross_entropy_rejects_float_labels():
     losses.cross_entropy(Z_S, Y.astype(np.float32))
 
 
+def test_a_label_column_and_integer_targets_are_refused():
+  logits = np.zeros((C, C), np.float32)  # B == C: [B] ids would broadcast along the classes
+  with pytest.raises(ValueError, match=r'labels \(4, 1\) must have the shape of logits'):
+    losses.cross_entropy(logits[:4], np.zeros((4, 1), np.int32))
+  with pytest.raises(TypeError, match='for integer class ids use cross_entropy'):
+    losses.soft_cross_entropy(logits, np.arange(C))
+  with pytest.raises(ValueError, match=r'targets \(4, 1, 6\) must be probability rows'):
+    losses.soft_cross_entropy(logits[:4], np.full((4, 1, C), 1 / C, np.float32))
+  uniform = np.full((C,), 1 / C, np.float32)  # one row for every example: still allowed
+  np.testing.assert_allclose(losses.soft_cross_entropy(logits, uniform), np.log(C), rtol=1e-6)
+
+
+def test_out_of_range_labels_give_nan_not_another_class():
+  """Inside a jitted step a wrong label cannot raise; it must not train silently either (a
+  gather wraps -1 around to class C-1, a one-hot of C is a zero row): NaN in every loss and
+  target row that takes labels, finite values for the valid ones."""
+  labels = np.array([0, -1, C, C - 1], np.int32)
+  bad = np.array([False, True, True, False])
+  z_s, z_t = Z_S.reshape(-1, C)[:4], Z_T.reshape(-1, C)[:4]
+  past = np.full((4, C), 1 / C, np.float32)
+  per_example_values = {
+      'cross_entropy': cross_entropy(z_s, labels),
+      'dkd_loss': dkd_loss(z_s, z_t, labels),
+      'zipf_loss': zipf_loss(z_s, past, labels),
+      'smooth_labels': jnp.sum(smooth_labels(labels, C, 0.1), -1),
+      'smooth_labels(exclude_target)': jnp.sum(smooth_labels(labels, C, 0.1,
+                                                             exclude_target=True), -1),
+      'corrected_uniform': jnp.sum(corrected_uniform(labels, C, 0.5), -1),
+      'pskd_targets': jnp.sum(pskd_targets(labels, past, 0.5), -1),
+  }
+  for name, values in per_example_values.items():
+    np.testing.assert_array_equal(np.isnan(values), bad, err_msg=name)
+
+
 def test_soft_cross_entropy_matches_reference_and_gradient_reaches_targets():
   expected = per_example(ref_soft_cross_entropy, Z_S, PROBS, batch_shape=BATCH)
   np.testing.assert_allclose(soft_cross_entropy(Z_S, PROBS), expected, rtol=RTOL, atol=ATOL)

@@ -155,17 +155,90 @@ class TestIndexChecks:
       mesh = _mesh(4)
       state = methods.shard_state(_pskd(num_examples=8, num_classes=2, total_epochs=2).init(),
                                   mesh)
-      spec = methods.partition_specs(state)
-      sharded = jax.jit(jax.shard_map(
-          lambda s, z, y, i: _update(method, s, z, y, i, 0, axis_name="data")[0], mesh=mesh,
-          in_specs=(spec, P("data"), P("data"), P("data")), out_specs=P("data"),
-          check_vma=False))
+
+      def sharded(state, *batch):
+        return jax.jit(jax.shard_map(
+            lambda s, z, y, i: _update(method, s, z, y, i, 0, axis_name="data")[0], mesh=mesh,
+            in_specs=(methods.partition_specs(state), P("data"), P("data"), P("data")),
+            out_specs=P("data"), check_vma=False))(state, *batch)
+
       z, y = jnp.zeros((4, 2)), jnp.zeros((4,), jnp.int32)
       jax.block_until_ready(sharded(state, z, y, jnp.array([7, 0, 5, 2])))
       with pytest.raises(Exception, match="holds 8, outside the table's rows 0..7"):
         jax.block_until_ready(sharded(state, z, y, jnp.array([7, 8, 5, 2])))
+      # 7 examples on 4 devices: padded to 8 rows, the last one padding, not an example.
+      padded = methods.shard_state(_pskd(num_examples=7, num_classes=2, total_epochs=2).init(),
+                                   mesh)
+      assert padded.past_predictions.rows.shape == (8, 2)
+      jax.block_until_ready(sharded(padded, z, y, jnp.array([6, 0, 5, 2])))
+      with pytest.raises(Exception, match="holds 7, outside the table's rows 0..6"):
+        jax.block_until_ready(sharded(padded, z, y, jnp.array([6, 7, 5, 2])))
     finally:
       methods.set_index_checks(False)
+
+
+class TestInputChecks:
+  """Mistakes that used to broadcast into a finite loss, or fail deep inside with a shape error,
+  are refused at trace time naming the method and what it needs."""
+
+  LOGITS = jnp.zeros((4, 3))
+
+  def _methods(self):
+    return {"pskd": _pskd(num_examples=8, num_classes=3, total_epochs=2),
+            "label_smoothing": methods.label_smoothing(0.1),
+            "cross_entropy": methods.cross_entropy(),
+            "lsrkd": methods.lsrkd()}
+
+  def test_a_label_column_is_refused_instead_of_a_batch_by_batch_loss(self):
+    for name, method in self._methods().items():
+      good = _update(method, method.init(), self.LOGITS, jnp.array([0, 1, 2, 0]),
+                     jnp.arange(4), 0)[0]
+      assert good.shape == (4,), name
+      with pytest.raises(ValueError, match=rf"{name}: batch\['label'\] must be integer class "
+                                           r"ids .* of shape \(4,\), got int32 of shape "
+                                           r"\(4, 1\)"):
+        _update(method, method.init(), self.LOGITS, jnp.array([[0], [1], [2], [0]]),
+                jnp.arange(4), 0)
+      with pytest.raises(ValueError, match=rf"{name}: .*not one-hot.* got float32 of shape "
+                                           r"\(4, 3\)"):
+        _update(method, method.init(), self.LOGITS, jax.nn.one_hot(jnp.arange(4) % 3, 3),
+                jnp.arange(4), 0)
+
+  def test_missing_index_uninitialised_state_and_wrong_width(self):
+    method = _pskd(num_examples=8, num_classes=3, total_epochs=2)
+    labels = jnp.array([0, 1, 2, 0])
+    with pytest.raises(ValueError, match=r"pskd: needs batch\['index'\], each example's 0-based "
+                                         r"position .* the batch has 'label'"):
+      method.update(method.init(), {"logits": self.LOGITS}, {"label": labels}, step=0)
+    for state, got in ((None, "NoneType"), (method.init, "function")):
+      with pytest.raises(TypeError, match=rf"pskd: state must be the PSKDState returned by "
+                                          rf"method.init\(rng\).* got {got}"):
+        _update(method, state, self.LOGITS, labels, jnp.arange(4), 0)
+    with pytest.raises(ValueError, match=r"pskd: outputs\['logits'\] has 5 classes .* "
+                                         r"num_classes=3"):
+      _update(method, method.init(), jnp.zeros((4, 5)), labels, jnp.arange(4), 0)
+
+
+class TestPSKDSeen:
+
+  def test_seen_share_and_a_refresh_never_called(self):
+    """`pskd_seen` is the share of the batch with a recorded prediction; with
+    refresh='epoch_end_eval' only `method.refresh` records one, so a loop that never calls it
+    shows 0 in the second epoch (and trains with one-hot targets)."""
+    labels, index = jnp.array([0, 1]), jnp.array([3, 5])
+    logits = jnp.array([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    for refresh, second_epoch_seen in (("step", 1.0), ("epoch_end_eval", 0.0)):
+      method = _pskd(num_examples=8, num_classes=3, total_epochs=2, refresh=refresh)
+      loss0, state, metrics = _update(method, method.init(), logits, labels, index, 0)
+      assert float(metrics["pskd_seen"]) == 0.0, refresh
+      loss1, state, metrics = _update(method, state, logits, labels, index, STEPS_PER_EPOCH)
+      assert float(metrics["pskd_seen"]) == second_epoch_seen, refresh
+      if refresh == "epoch_end_eval":  # no refresh: still one-hot targets, i.e. CE
+        np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+        state = method.refresh(state, {"logits": logits}, {"index": index})
+        _, _, metrics = _update(method, state, logits, labels, jnp.array([3, 0]),
+                                STEPS_PER_EPOCH)
+        assert float(metrics["pskd_seen"]) == 0.5
 
 
 class TestMethodIsStatic:
@@ -278,6 +351,22 @@ class TestShardedTables:
     roundoff.assert_close_to_scale(new_state.past_predictions.rows,
                                    single_state.past_predictions.rows, roundoff.STEP_RTOL)
 
+  def test_init_sharded_pads_any_row_count(self):
+    """9 examples on 4 devices: built padded to 12 rows, 3 per device, equal to sharding the
+    plain init; without the padding inside, out_shardings refuses 9 rows on 4 devices."""
+    mesh = _mesh(4)
+    method = _pskd(num_examples=9, num_classes=3, total_epochs=2)
+    state = methods.init_sharded(method.init, mesh)
+    rows = state.past_predictions.rows
+    assert rows.shape == (12, 3)
+    assert {shard.data.shape for shard in rows.addressable_shards} == {(3, 3)}
+    expected = methods.shard_state(method.init(), mesh)
+    assert jax.tree.structure(state) == jax.tree.structure(expected)
+    np.testing.assert_array_equal(rows, expected.past_predictions.rows)
+    with pytest.raises(ValueError, match="divisible|divide"):
+      jax.jit(method.init, out_shardings=methods.state_shardings(
+          jax.eval_shape(method.init), mesh))()
+
   def test_table_bytes(self):
     state = (methods.create_table(100, (10,), jnp.bfloat16), {"other": jnp.zeros(3)})
     assert methods.table_bytes(state) == 100 * 10 * 2
@@ -320,7 +409,8 @@ class TestBaselinesAndCombine:
     assert len(new_state) == 3
     np.testing.assert_allclose(new_state[1].past_predictions.rows[1],
                                softmax(np.asarray(logits))[0], rtol=1e-6)
-    assert set(metrics) == {"pskd_alpha", "2/pskd_alpha"}
+    assert set(metrics) == {"pskd_alpha", "2/pskd_alpha", "pskd_seen", "2/pskd_seen"}
+    assert metrics["pskd_seen"] == metrics["2/pskd_seen"] == 1.0  # row 1 was written
     assert method.refresh is None
     with pytest.raises(ValueError, match="weights"):
       methods.combine([1.0], pskd, pskd)

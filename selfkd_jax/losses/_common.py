@@ -28,6 +28,47 @@ def l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(squared_norm, NORM_EPS**2))
 
 
+def class_ids(labels: jax.typing.ArrayLike) -> jax.Array:
+  """`labels` as an array, refused (TypeError) unless it holds integer class ids."""
+  labels = jnp.asarray(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f'labels must be integer class ids, got dtype {labels.dtype}.')
+  return labels
+
+
+def nan_unless_class(labels: jax.Array, num_classes: int) -> jax.Array:
+  """`[...]` float32: 0 where a label is a class id in `[0, C)`, NaN where it is not.
+
+  Added to a loss (or to target rows) so that a wrong label is a NaN loss, which a training
+  loop notices, instead of a finite loss for some other target: inside a jitted step an
+  out-of-range id cannot raise, and left alone it would quietly become something else (a
+  gather wraps -1 around to class C-1, a one-hot of it is an all-zero row).
+  """
+  valid = (labels >= 0) & (labels < num_classes)
+  return jnp.where(valid, 0.0, jnp.nan).astype(jnp.float32)
+
+
+def check_targets(targets: jax.typing.ArrayLike, logits_shape: tuple[int, ...]) -> jax.Array:
+  """`targets` as float (>= float32), refused unless they are probability rows that broadcast
+  to `logits_shape` without enlarging it.
+
+  Integer class ids would otherwise broadcast along the class axis (`[B]` against `[B, C]`
+  when B == C, e.g. batch 100 on CIFAR-100) into a finite, meaningless loss.
+  """
+  targets = jnp.asarray(targets)
+  if not jnp.issubdtype(targets.dtype, jnp.floating):
+    raise TypeError(f'targets must be probability rows [..., C] (float), got dtype '
+                    f'{targets.dtype}; for integer class ids use cross_entropy.')
+  try:
+    broadcast = jnp.broadcast_shapes(targets.shape, logits_shape)
+  except ValueError:
+    broadcast = None
+  if broadcast != tuple(logits_shape) or targets.shape[-1:] != tuple(logits_shape[-1:]):
+    raise ValueError(f'targets {targets.shape} must be probability rows [..., C] that broadcast '
+                     f'to the logits {tuple(logits_shape)}.')
+  return to_float(targets)
+
+
 def target_mask(labels: jax.typing.ArrayLike, num_classes: int) -> jax.Array:
   """Boolean `[..., C]` mask, True at each example's label column."""
   labels = jnp.asarray(labels)

@@ -2,17 +2,13 @@
 
 All functions are per example: they sum over the class (last) axis and never reduce over
 the batch, accept any leading batch shape `[...]`, accept float32 or bfloat16 inputs, compute
-in float32 and return float32. Labels are integer class ids in `[0, C)`.
+in float32 and return float32. Labels are integer class ids in `[0, C)`; an id outside that
+range gives a NaN loss (or NaN target row), never a finite loss for another class.
 """
 import jax
 import jax.numpy as jnp
 
 from selfkd_jax.losses import _common
-
-
-def _check_labels(labels: jax.Array):
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f'labels must be integer class ids, got dtype {labels.dtype}.')
 
 
 def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) -> jax.Array:
@@ -33,11 +29,14 @@ def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) ->
     (the CE term every distillation loss here is combined with).
   """
   logits = _common.to_float(logits)
-  labels = jnp.asarray(labels)
-  _check_labels(labels)
+  labels = _common.class_ids(labels)
+  if labels.shape != logits.shape[:-1]:
+    raise ValueError(f'labels {labels.shape} must have the shape of logits {logits.shape} '
+                     'without its class axis: one class id per example.')
   # Only the label column needs the normaliser subtracted (as in optax).
   label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - label_logits
+  return (jax.nn.logsumexp(logits, axis=-1) - label_logits
+          + _common.nan_unless_class(labels, logits.shape[-1]))
 
 
 def soft_cross_entropy(
@@ -52,7 +51,8 @@ def soft_cross_entropy(
 
   Args:
     logits: `[..., C]` unnormalised log-probabilities.
-    targets: `[..., C]` target distributions (rows summing to 1), broadcastable to `logits`.
+    targets: `[..., C]` target distributions (rows summing to 1), broadcastable to `logits`
+      (a float array; integer class ids go to `cross_entropy`).
 
   Returns:
     `[...]` float32 losses.
@@ -62,7 +62,7 @@ def soft_cross_entropy(
     arXiv 1512.00567 (label smoothing, the first use with soft targets).
   """
   log_probs = jax.nn.log_softmax(_common.to_float(logits), axis=-1)
-  targets = _common.to_float(targets)
+  targets = _common.check_targets(targets, log_probs.shape)
   return -jnp.sum(targets * log_probs, axis=-1)
 
 
@@ -168,13 +168,13 @@ def smooth_labels(
     Yuan et al., Revisiting Knowledge Distillation via Label Smoothing Regularization
     (Tf-KD), arXiv 1909.11723.
   """
-  labels = jnp.asarray(labels)
-  _check_labels(labels)
+  labels = _common.class_ids(labels)
   epsilon = _common.to_float(epsilon)
   onehot = _common.target_mask(labels, num_classes).astype(epsilon.dtype)
+  invalid = _common.nan_unless_class(labels, num_classes)[..., None]
   if exclude_target:
-    return (1.0 - epsilon) * onehot + epsilon / (num_classes - 1) * (1.0 - onehot)
-  return (1.0 - epsilon) * onehot + epsilon / num_classes
+    return (1.0 - epsilon) * onehot + epsilon / (num_classes - 1) * (1.0 - onehot) + invalid
+  return (1.0 - epsilon) * onehot + epsilon / num_classes + invalid
 
 
 def corrected_uniform(
@@ -199,8 +199,8 @@ def corrected_uniform(
     Extending Label Smoothing Regularization with Self-Knowledge Distillation (LsrKD/MrKD),
     arXiv 2009.05226. Reconstruction: the formula is our reading of the abstract.
   """
-  labels = jnp.asarray(labels)
-  _check_labels(labels)
+  labels = _common.class_ids(labels)
   beta = _common.to_float(beta)
   onehot = _common.target_mask(labels, num_classes).astype(beta.dtype)
-  return beta * onehot + (1.0 - beta) / (num_classes - 1) * (1.0 - onehot)
+  return (beta * onehot + (1.0 - beta) / (num_classes - 1) * (1.0 - onehot)
+          + _common.nan_unless_class(labels, num_classes)[..., None])

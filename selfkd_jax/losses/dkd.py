@@ -65,6 +65,7 @@ def dkd_loss(
   temperature = _common.to_float(temperature)
   student = _common.to_float(student_logits) / temperature
   teacher = jax.lax.stop_gradient(_common.to_float(teacher_logits)) / temperature
+  labels = _common.class_ids(labels)
   mask = _common.target_mask(labels, student.shape[-1])
 
   log_b_student, _ = _binary_log_probs(student, mask)
@@ -76,4 +77,5 @@ def dkd_loss(
   nckd = _common.kl_divergence(q_teacher, log_q_teacher, log_q_student)
 
   scale = temperature**2
-  return _common.to_float(alpha) * scale * tckd + _common.to_float(beta) * scale * nckd
+  return (_common.to_float(alpha) * scale * tckd + _common.to_float(beta) * scale * nckd
+          + _common.nan_unless_class(labels, student.shape[-1]))

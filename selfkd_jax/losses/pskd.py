@@ -69,12 +69,15 @@ def pskd_targets(
     Kim et al., Self-Knowledge Distillation with Progressive Refinement of Targets,
     arXiv 2006.12000.
   """
-  labels = jnp.asarray(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f'labels must be integer class ids, got dtype {labels.dtype}.')
+  labels = _common.class_ids(labels)
   past_probs = jax.lax.stop_gradient(_common.to_float(past_probs))
   alpha = _common.to_float(alpha)
   _common.check_per_example_shape('alpha', alpha, labels.shape)
   alpha = alpha[..., None]
-  onehot = _common.target_mask(labels, past_probs.shape[-1]).astype(past_probs.dtype)
-  return (1.0 - alpha) * onehot + alpha * past_probs
+  if labels.shape != past_probs.shape[:-1]:
+    raise ValueError(f'labels {labels.shape} must have the shape of past_probs '
+                     f'{past_probs.shape} without its class axis: one class id per example.')
+  num_classes = past_probs.shape[-1]
+  onehot = _common.target_mask(labels, num_classes).astype(past_probs.dtype)
+  return ((1.0 - alpha) * onehot + alpha * past_probs
+          + _common.nan_unless_class(labels, num_classes)[..., None])

@@ -146,7 +146,9 @@ def zipf_loss(
     arXiv 2207.12980.
   """
   logits = _common.to_float(logits)
+  labels = _common.class_ids(labels)
   mask = _common.target_mask(labels, logits.shape[-1])
   log_q, _ = _common.masked_log_softmax(logits, mask)
   targets = jnp.where(mask, 0.0, _common.to_float(targets))
-  return _common.kl_divergence(targets, _common.safe_log(targets), log_q)
+  return (_common.kl_divergence(targets, _common.safe_log(targets), log_q)
+          + _common.nan_unless_class(labels, logits.shape[-1]))

@@ -18,14 +18,14 @@ from selfkd_jax.methods.per_example import (PerExampleTable, create_table, gathe
 from selfkd_jax.methods.pskd import PSKDState, pskd
 from selfkd_jax.methods.ras_kd import RASKDState, ras_kd
 from selfkd_jax.methods.reffakd import reffakd, soft_label_teacher
-from selfkd_jax.methods.sharding import (from_pmap_layout, shard_state, state_shardings,
-                                         to_pmap_layout)
+from selfkd_jax.methods.sharding import (from_pmap_layout, init_sharded, shard_state,
+                                         state_shardings, to_pmap_layout)
 from selfkd_jax.methods.virtual_teacher import lsrkd, tfkd_reg
 from selfkd_jax.methods.zipf import zipf
 
 __all__ = [
     "aekt", "byot", "combine", "create_table", "cross_entropy", "cskd", "dkd", "EmptyState",
-    "from_pmap_layout", "gather_rows", "kd", "label_smoothing", "label_teacher", "lsrkd", "lsskd",
+    "from_pmap_layout", "gather_rows", "init_sharded", "kd", "label_smoothing", "label_teacher", "lsrkd", "lsskd",
     "LSSKDState", "Method", "MethodHooks", "mrkd", "MrKDState", "network_teacher", "pad_tables",
     "partition_specs", "PerExampleTable", "pskd", "PSKDState", "ras_kd", "RASKDState", "reffakd",
     "rotate_batch", "scatter_rows", "set_index_checks", "shard_state", "soft_label_teacher",

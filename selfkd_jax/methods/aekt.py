@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, require_outputs, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, require_outputs, stateless_init
 from selfkd_jax.methods.dkd import check_weights, warmup_factor
 from selfkd_jax.methods.kd import TeacherFn
 
@@ -74,7 +74,7 @@ def aekt(teacher: TeacherFn, *, steps_per_epoch: int | None = None,
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del axis_name
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("aekt", outputs, batch)
     serialized = logits
     if serialization_head:
       require_outputs("aekt", outputs, ("serialized_logits",),

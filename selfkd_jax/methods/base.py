@@ -152,6 +152,61 @@ def require_outputs(method: str, outputs: Outputs, keys: tuple[str, ...], hint: 
                      f"returned {', '.join(sorted(outputs))}){'; ' + hint if hint else ''}")
 
 
+def logits_and_labels(method: str, outputs: Outputs, batch: Batch,
+                      num_classes: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """`outputs['logits']` ([B, C]) and `batch['label']` ([B] class ids), checked at trace time.
+
+  Labels of another shape broadcast silently in the losses (a `[B, 1]` column gives a
+  `[B, B]` "per-example" loss whose mean averages every cross pair), and one-hot labels fail
+  deep inside with a shape error, so both are refused here naming the method; so is a
+  classifier of another width than the one the method's state was built for.
+  """
+  require_outputs(method, outputs, ("logits",))
+  logits = outputs["logits"]
+  labels = checked_labels(method, batch, logits.shape[:-1])
+  if num_classes is not None and logits.shape[-1] != num_classes:
+    raise ValueError(f"{method}: outputs['logits'] has {logits.shape[-1]} classes (shape "
+                     f"{logits.shape}) but the method was built with num_classes={num_classes}")
+  return logits, labels
+
+
+def checked_labels(method: str, batch: Batch, shape: tuple[int, ...] | None = None) -> jax.Array:
+  """`batch['label']`, refused unless it holds integer class ids of exactly `shape` (`None`:
+  any `[B]`)."""
+  return _checked_ids(method, batch, "label", shape,
+                      "integer class ids 0..C-1, one per example (not one-hot: the method builds "
+                      "its own targets)")
+
+
+def checked_indices(method: str, batch: Batch, shape: tuple[int, ...]) -> jax.Array:
+  """`batch['index']`, refused unless it holds integer example positions of exactly `shape`."""
+  return _checked_ids(method, batch, "index", shape,
+                      "each example's 0-based position in the training set (the same every "
+                      "epoch), which keys its row of the method's per-example state")
+
+
+def _checked_ids(method, batch, key, shape, meaning):
+  if key not in batch:
+    raise ValueError(f"{method}: needs batch[{key!r}], {meaning}; the batch has "
+                     f"{', '.join(repr(k) for k in sorted(batch)) or 'no keys'}")
+  value = batch[key] if hasattr(batch[key], "dtype") else jnp.asarray(batch[key])
+  shape_ok = value.ndim == 1 if shape is None else tuple(value.shape) == tuple(shape)
+  if not jnp.issubdtype(value.dtype, jnp.integer) or not shape_ok:
+    expected = "[B]" if shape is None else str(tuple(shape))
+    raise ValueError(f"{method}: batch[{key!r}] must be {meaning}: an integer array of shape "
+                     f"{expected}, got {value.dtype} of shape {tuple(value.shape)}")
+  return value
+
+
+def check_state(method: str, state: Any, state_type: type) -> None:
+  """Refuses a `state` that is not what `method.init` returns (say, `None`, or `method.init`
+  itself, not called), naming the method, instead of an attribute error from inside it."""
+  if not isinstance(state, state_type):
+    raise TypeError(f"{method}: state must be the {state_type.__name__} returned by "
+                    f"method.init(rng) (kept in your train state and passed back each step), "
+                    f"got {type(state).__name__}")
+
+
 def check_arguments(method: str, *checks: tuple[str, Any, bool, str]) -> None:
   """Constructor validation in one place: each check is `(name, value, ok, requirement)`.
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, stateless_init
 
 
 def cross_entropy() -> Method:
@@ -11,7 +11,7 @@ def cross_entropy() -> Method:
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, axis_name, hooks
-    return losses.cross_entropy(outputs["logits"], batch["label"]), state, {}
+    return losses.cross_entropy(*logits_and_labels("cross_entropy", outputs, batch)), state, {}
 
   return Method(stateless_init, update)
 
@@ -32,8 +32,8 @@ def label_smoothing(epsilon: float = 0.1, *, exclude_target: bool = False) -> Me
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, axis_name, hooks
-    logits = outputs["logits"]
-    targets = losses.smooth_labels(batch["label"], logits.shape[-1], epsilon,
+    logits, labels = logits_and_labels("label_smoothing", outputs, batch)
+    targets = losses.smooth_labels(labels, logits.shape[-1], epsilon,
                                    exclude_target=exclude_target)
     return losses.soft_cross_entropy(logits, targets), state, {}
 

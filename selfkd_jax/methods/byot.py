@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, require_outputs, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, require_outputs, stateless_init
 
 VARIANTS = ("journal", "conference")
 FEATURE_NORMS = ("example", "batch")
@@ -135,7 +135,7 @@ def byot(*, alpha: float = 0.3, temperature: float = 3.0, feature_weight: float 
     del step, hooks
     require_outputs("byot", outputs, ("features", "exit_logits", "exit_features"),
                     "attach heads.ExitHead(make_exits('byot', ...)) with heads.with_heads")
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("byot", outputs, batch)
     exit_logits, adapted = tuple(outputs["exit_logits"]), tuple(outputs["exit_features"])
     num_exits = len(exit_logits)
     with_feature = feature_exits or tuple(range(1, num_exits + 1))

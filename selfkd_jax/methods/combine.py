@@ -18,7 +18,7 @@ def combine(weights: Sequence[float], *transforms: Method) -> Method:
   be shared with a transform that expects B.
 
   Example: PS-KD targets plus a 0.5-weighted label-smoothing term:
-      method = combine([1.0, 0.5], pskd(N, C, E), label_smoothing(0.1))
+      method = combine([1.0, 0.5], pskd(N, C, E, steps_per_epoch=S), label_smoothing(0.1))
   """
   if len(weights) != len(transforms):
     raise ValueError(f"combine: {len(weights)} weights for {len(transforms)} transforms")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, stateless_init
 
 _NO_PARTNERS = ("cskd: the batch has no 'partner_image'; pair every anchor with a same-class "
                 "example (your own loop: selfkd_jax.partners.SameClassPartners; the trainer: "
@@ -71,7 +71,7 @@ def cskd(*, temperature: float = 4.0, weight: float = 1.0) -> Method:
       raise ValueError("cskd: needs hooks.forward and hooks.variables to run the partner "
                        "forward pass with the current parameters; pass "
                        "hooks=adapters.linen_hooks(...) or adapters.nnx_hooks(...)")
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("cskd", outputs, batch)
     partner_outputs = hooks.forward(jax.lax.stop_gradient(hooks.variables),
                                     batch["partner_image"], train=True)
     partner_logits = jax.lax.stop_gradient(partner_outputs["logits"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from selfkd_jax import losses
 from selfkd_jax.methods.base import (Method, check_steps_per_epoch, epoch_of_step,
-                                     stateless_init)
+                                     logits_and_labels, stateless_init)
 from selfkd_jax.methods.kd import TeacherFn
 
 
@@ -66,7 +66,7 @@ def dkd(teacher: TeacherFn, *, steps_per_epoch: int | None = None, alpha: float 
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del axis_name
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("dkd", outputs, batch)
     teacher_logits = jax.lax.stop_gradient(teacher(outputs, batch, hooks))
     distill = losses.dkd_loss(logits, teacher_logits, labels, alpha=alpha, beta=beta,
                               temperature=temperature)

@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, stateless_init
 
 # teacher(outputs, batch, hooks) -> teacher logits [B, C] (stop-gradient is applied here).
 TeacherFn = Callable[..., jax.Array]
@@ -80,7 +80,7 @@ def _teacher_distillation(teacher: TeacherFn, name: str, *, ce_weight: float,
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, axis_name
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels(name, outputs, batch)
     teacher_logits = jax.lax.stop_gradient(teacher(outputs, batch, hooks))
     distill = losses.distillation_kl(logits, teacher_logits, temperature)
     loss = (ce_weight * losses.cross_entropy(logits, labels)

@@ -9,8 +9,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import (Method, check_arguments, check_steps_per_epoch,
-                                     epoch_of_step, require_outputs)
+from selfkd_jax.methods.base import (Method, check_arguments, check_state, check_steps_per_epoch,
+                                     checked_indices, checked_labels, epoch_of_step,
+                                     require_outputs)
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, first_visit_one_hot,
                                             gather_rows, scatter_rows)
 
@@ -241,8 +242,10 @@ def lsskd(num_examples: int, num_classes: int, num_epochs: int, *, num_heads: in
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del hooks
     epoch = epoch_of_step(step, steps_per_epoch)
-    labels, indices = batch["label"], batch["index"]
+    check_state("lsskd", state, LSSKDState)
+    labels = checked_labels("lsskd", batch)  # per image; the model sees 4 rotations of each
     batch_size = labels.shape[0]
+    indices = checked_indices("lsskd", batch, (batch_size,))
     head_logits, head_features = _checked_head_outputs(outputs, batch_size, num_heads,
                                                        joint_classes)
     logits = outputs["logits"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, PyTree, check_arguments
+from selfkd_jax.methods.base import Method, PyTree, check_arguments, check_state, logits_and_labels
 
 TC_MODES = ("mix", "swap")
 TC_WHEN = ("always", "wrong")
@@ -190,9 +190,10 @@ def mrkd(variables_template: PyTree, *, refresh_every: int, alpha: float = 0.5,
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del axis_name  # snapshots of replicated variables are replicated: no collective
+    check_state("mrkd", state, MrKDState)
     if hooks is None or hooks.forward is None or hooks.variables is None or hooks.images is None:
       raise ValueError("mrkd: needs hooks with forward, variables and images")
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("mrkd", outputs, batch)
     num_classes = logits.shape[-1]
 
     # 1. Push the current variables on refresh steps (before the teacher is computed).

@@ -38,16 +38,20 @@ from jax.sharding import PartitionSpec
 class PerExampleTable:
   """Rows indexed by dataset index. Trainers shard `rows` along axis 0 (see `partition_specs`).
 
-  A pytree whose one leaf is `rows`; `dtype` is static.
+  A pytree whose one leaf is `rows`; `dtype` and `num_examples` are static.
 
   Attributes:
     rows: `[N_padded, ...]` storage array; rows past the dataset size are padding, never read.
       For a bfloat16 table these are the values' bit patterns (`uint16`; see the module
       docstring); read them with `values()` or `gather_rows`.
     dtype: the dtype of the values (what `gather_rows` returns); `None`: `rows.dtype`.
+    num_examples: the rows that belong to examples, `N` (`create_table` sets it; padding keeps
+      it); `None`: unknown, every row. `set_index_checks` refuses indices from `N` on, so a
+      1-based index cannot land in a padding row unnoticed.
   """
   rows: jax.Array
   dtype: Any = None
+  num_examples: int | None = None
 
   def __post_init__(self):
     if self.dtype is not None:  # one hashable form, so equal tables have equal tree structures
@@ -76,7 +80,8 @@ class PerExampleTable:
     return dataclasses.replace(self, rows=rows)
 
 
-jax.tree_util.register_dataclass(PerExampleTable, data_fields=["rows"], meta_fields=["dtype"])
+jax.tree_util.register_dataclass(PerExampleTable, data_fields=["rows"],
+                                 meta_fields=["dtype", "num_examples"])
 
 
 def _stored_dtype(dtype: Any) -> np.dtype:
@@ -103,7 +108,8 @@ def create_table(num_examples: int, row_shape: tuple[int, ...], dtype: Any = jnp
     raise ValueError(f"num_examples must be positive, got {num_examples}")
   dtype = np.dtype(dtype)
   fill = _to_storage(jnp.asarray(fill_value), dtype)  # one scalar: no whole table of values
-  return PerExampleTable(jnp.full((num_examples, *row_shape), fill, _stored_dtype(dtype)), dtype)
+  return PerExampleTable(jnp.full((num_examples, *row_shape), fill, _stored_dtype(dtype)), dtype,
+                         int(num_examples))
 
 
 def _is_table(x: Any) -> bool:
@@ -180,7 +186,9 @@ def gather_rows(table: PerExampleTable, indices: jax.Array,
     # Sharded: every device checks the whole global batch, so all of them stop together
     # instead of one leaving the others waiting in the row exchange.
     checked = indices if axis_name is None else lax.all_gather(indices, axis_name, tiled=True)
-    num_rows = table.rows.shape[0] * (1 if axis_name is None else lax.psum(1, axis_name))
+    num_rows = table.num_examples
+    if num_rows is None:  # every row, padding included: the shards' total
+      num_rows = table.rows.shape[0] * (1 if axis_name is None else lax.psum(1, axis_name))
     jax.debug.callback(_raise_if_out_of_range, checked, num_rows)
   dtype = table.value_dtype
   if axis_name is None:
@@ -245,5 +253,10 @@ def first_visit_one_hot(past: jax.Array, labels: jax.Array, num_classes: int) ->
   sum within 1%), so a row summing to less than 1/2 has never been written.
   """
   onehot = jax.nn.one_hot(labels, num_classes, dtype=past.dtype)
-  written = jnp.sum(past, axis=-1, keepdims=True) > 0.5
-  return jnp.where(written, past, onehot)
+  return jnp.where(written_rows(past)[..., None], past, onehot)
+
+
+def written_rows(past: jax.Array) -> jax.Array:
+  """`[B]` bools: which of the rows read from a probability table have ever been written (see
+  `first_visit_one_hot`)."""
+  return jnp.sum(past, axis=-1) > 0.5

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, check_steps_per_epoch, epoch_of_step
+from selfkd_jax.methods.base import (Method, check_state, check_steps_per_epoch, checked_indices,
+                                     epoch_of_step, logits_and_labels)
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, first_visit_one_hot,
-                                            gather_rows, scatter_rows)
+                                            gather_rows, scatter_rows, written_rows)
 
 REFRESH_MODES = ("step", "epoch_end_eval")
 
@@ -64,6 +65,11 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_ep
 
   Returns:
     A `Method`; `update` needs `batch['label']` and `batch['index']` (`0..num_examples-1`).
+    Metrics: `pskd_alpha`, and `pskd_seen`, the share of the batch's examples whose past
+    prediction has been recorded: 0 in the first epoch, then 1. With `refresh='epoch_end_eval'`
+    rows are written only by `method.refresh`, which your loop must call over the training set
+    at every epoch's end (the trainer does); without it `pskd_seen` stays 0 and the targets
+    stay one-hot, i.e. plain cross-entropy.
 
   References:
     Kim, Ji, Yoon, Hwang. Self-Knowledge Distillation with Progressive Refinement of Targets.
@@ -88,16 +94,26 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_ep
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del hooks
-    logits, labels = outputs["logits"], batch["label"]
+    check_state("pskd", state, PSKDState)
+    logits, labels = logits_and_labels("pskd", outputs, batch, num_classes)
+    indices = checked_indices("pskd", batch, labels.shape)
     alpha = losses.pskd_alpha(epoch_of_step(step, steps_per_epoch), total_epochs, alpha_T)
-    past = gather_rows(state.past_predictions, batch["index"], axis_name).astype(jnp.float32)
+    past = gather_rows(state.past_predictions, indices, axis_name).astype(jnp.float32)
+    seen = written_rows(past)
     past = first_visit_one_hot(past, labels, num_classes)
     loss = losses.soft_cross_entropy(logits, losses.pskd_targets(labels, past, alpha))
     if refresh == "step":
-      state = write_predictions(state, logits, batch["index"], axis_name, after=past)
-    return loss, state, {"pskd_alpha": jnp.asarray(alpha, jnp.float32)}
+      state = write_predictions(state, logits, indices, axis_name, after=past)
+    return loss, state, {"pskd_alpha": jnp.asarray(alpha, jnp.float32),
+                         "pskd_seen": jnp.mean(seen.astype(jnp.float32))}
 
   def refresh_from_eval(state, outputs, batch, *, axis_name=None):
-    return write_predictions(state, outputs["logits"], batch["index"], axis_name)
+    check_state("pskd", state, PSKDState)
+    logits = outputs["logits"]
+    if logits.shape[-1] != num_classes:
+      raise ValueError(f"pskd: outputs['logits'] has {logits.shape[-1]} classes but the method "
+                       f"was built with num_classes={num_classes}")
+    return write_predictions(state, logits, checked_indices("pskd", batch, logits.shape[:-1]),
+                             axis_name)
 
   return Method(init, update, refresh_from_eval if refresh == "epoch_end_eval" else None)

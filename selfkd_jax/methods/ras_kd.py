@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, check_arguments, require_outputs
+from selfkd_jax.methods.base import (Method, check_arguments, check_state, logits_and_labels,
+                                     require_outputs)
 
 PROTOTYPE_MODES = ("ema", "aux_weights")
 
@@ -137,10 +138,12 @@ def ras_kd(num_classes: int, feature_dim: int, *, epsilon: float = 0.1,
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, hooks
+    check_state("ras_kd", state, RASKDState)
     needed = ("features", "aux_logits") + (("aux_kernel",) if prototypes == "aux_weights" else ())
     require_outputs("ras_kd", outputs, needed,
                     "attach heads.AuxClassifier(num_classes) with heads.with_heads")
-    logits, labels, aux_logits = outputs["logits"], batch["label"], outputs["aux_logits"]
+    logits, labels = logits_and_labels("ras_kd", outputs, batch, num_classes)
+    aux_logits = outputs["aux_logits"]
     # Nothing built from the features (prototypes, the head's teacher logits) may send a
     # gradient to the backbone; the loss reaches the model through `logits` only.
     features = lax.stop_gradient(outputs["features"]).astype(jnp.float32)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, stateless_init
 
 VARIANTS = ("faithful", "kldiv_mean")
 
@@ -123,7 +123,7 @@ def reffakd(soft_labels, *, alpha: float = 0.5, temperature: float = 1.0,
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, axis_name, hooks
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("reffakd", outputs, batch)
     if logits.shape[-1] != num_classes:
       raise ValueError(f"reffakd: the model has {logits.shape[-1]} classes but soft_labels "
                        f"{num_classes}")

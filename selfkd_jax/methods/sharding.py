@@ -9,7 +9,7 @@ read, and writes to them are dropped.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,28 @@ def shard_state(state: Any, mesh: Mesh, axis_name: str = "data") -> Any:
   """`state` padded for the mesh and placed on it: each device holds `N_padded / D` table rows."""
   state = pad_tables(state, mesh.shape[axis_name])
   return jax.device_put(state, state_shardings(state, mesh, axis_name))
+
+
+def init_sharded(init: Callable[..., Any], mesh: Mesh, rng: jax.Array | None = None,
+                 axis_name: str = "data") -> Any:
+  """`init(rng)` built directly in its sharded layout: `shard_state(init(rng), mesh)` without
+  ever holding a whole table on one device or the host (the way to build an ImageNet-size one).
+
+  The tables are padded inside the jitted init, so any row count works on any device count
+  (`jax.jit(init, out_shardings=state_shardings(...))` alone requires the row count to be
+  divisible by the device count, which ImageNet's 1,281,167 is not).
+
+  Args:
+    init: a method's `init` (or any function of `rng` returning a state).
+    mesh: the 1-D data-parallel mesh.
+    rng: passed to `init`.
+    axis_name: the mesh axis the tables are split over.
+  """
+  def padded_init(rng):
+    return pad_tables(init(rng), mesh.shape[axis_name])
+
+  shardings = state_shardings(jax.eval_shape(padded_init, rng), mesh, axis_name)
+  return jax.jit(padded_init, out_shardings=shardings)(rng)
 
 
 def to_pmap_layout(state: Any, num_devices: int) -> Any:

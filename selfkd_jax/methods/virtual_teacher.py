@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, stateless_init
 
 TFKD_VARIANTS = ("faithful", "paper")
 
@@ -71,7 +71,7 @@ def tfkd_reg(*, alpha: float = 0.1, temperature: float = 20.0, correct_prob: flo
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, axis_name, hooks
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("tfkd_reg", outputs, batch)
     num_classes = logits.shape[-1]
     designed = losses.corrected_uniform(labels, num_classes, correct_prob)
     # The code's quirk, kept on purpose: probabilities used as logits.
@@ -120,7 +120,7 @@ def lsrkd(*, alpha: float = 0.1, temperature: float = 2.0, beta: float | None = 
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, axis_name, hooks
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("lsrkd", outputs, batch)
     num_classes = logits.shape[-1]
     if beta is None:
       teacher = losses.smooth_labels(labels, num_classes, 1.0)  # uniform rows

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from selfkd_jax import losses
-from selfkd_jax.methods.base import Method, stateless_init
+from selfkd_jax.methods.base import Method, logits_and_labels, stateless_init
 
 
 def upsample_dense_logits(dense_logits: jax.Array, factor: int) -> jax.Array:
@@ -99,7 +99,7 @@ def zipf(*, weight: float = 0.1, dense: bool = True, upsample: int = 2) -> Metho
 
   def update(state, outputs, batch, *, step, axis_name=None, hooks=None):
     del step, axis_name, hooks
-    logits, labels = outputs["logits"], batch["label"]
+    logits, labels = logits_and_labels("zipf", outputs, batch)
     if dense:
       if "dense_logits" not in outputs:
         raise ValueError("zipf(dense=True): the model exposes no 'dense_logits' (its feature "

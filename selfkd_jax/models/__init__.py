@@ -1,6 +1,7 @@
 """Flax Linen models. Each returns a dict: 'logits', 'features', 'feature_map',
 'stage_features' (see `selfkd_jax.models.common`), with its final Dense layer named
 'classifier'. Build them by name with `get_model`."""
+from selfkd_jax.models import exits  # make_exits, for heads.ExitHead (BYOT, LSSKD)
 from selfkd_jax.models.cifar_resnet import RepDistillerResNet
 from selfkd_jax.models.common import INIT_SCHEMES
 from selfkd_jax.models.imagenet_resnet import Bottleneck, BottleneckResNet
@@ -18,5 +19,5 @@ __all__ = [
     'get_model', 'model_from_config', 'output_shapes', 'variable_shapes', 'MLP', 'LeNet5BN',
     'CifarResNet', 'PreActResNet', 'RepDistillerResNet', 'VGG',
     'WideResNet', 'BottleneckResNet', 'BasicBlock', 'PreActBlock', 'WideBasicBlock',
-    'Bottleneck',
+    'Bottleneck', 'exits',
 ]
