@@ -35,9 +35,22 @@ from ml_collections import config_flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "fashion_mnist", "pskd.py")
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "Config file (`path` or `path:arg`); override keys with "
-    "--config.key=value.", lock_config=True)
+
+
+def _define_config_flag():
+  """`--config`. ml_collections loads the default config file right here, at definition,
+  applying any --config.key overrides in sys.argv: a bad one is one line (exit 2) here too."""
+  try:
+    return config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Config file (`path` or `path:arg`); override keys with "
+        "--config.key=value.", lock_config=True)
+  except Exception as error:  # pylint: disable=broad-except  (the default config or an override)
+    from selfkd_jax.train import flag_errors  # pylint: disable=g-import-not-at-top
+    print(f"error: {flag_errors.message(error, sys.argv)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+_CONFIG = _define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, logs and "
                                "results.json; reusing it resumes the run.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", None, "Start JAX's multi-process runtime with "
@@ -52,6 +65,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id, 0..nu
                                    "(else $JAX_PROCESS_ID).")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 10, "Seconds without a heartbeat "
                                   "after which a lost process stops the others.")
+_JOIN_TIMEOUT = flags.DEFINE_integer("join_timeout_s", 300, "Seconds a process waits at start-up "
+                                     "for every process of the run to join.", lower_bound=1)
 
 
 def _fail(message: str, status: int) -> None:
@@ -106,16 +121,25 @@ def _lost_peer(error, steps, process_index: int, process_count: int) -> None:
   os._exit(1)  # pylint: disable=protected-access
 
 
+# Help, printed to stdout with exit 0 (absl exits 1 after it, and does not know -h): the value
+# says whether the short help (this module's flags) is enough.
+HELP_FLAGS = {"-h": True, "-?": True, "--help": True, "--helpshort": True, "--helpfull": False}
+
+
 def parse_flags(argv):
-  """absl flag parsing with bad flags or config overrides reported in one line, exit 2."""
+  """absl flag parsing with bad flags, config files or config overrides reported in one line,
+  exit 2."""
+  from selfkd_jax.train import flag_errors  # pylint: disable=g-import-not-at-top
+
+  for arg in argv[1:]:
+    if arg in HELP_FLAGS:
+      app.usage(shorthelp=HELP_FLAGS[arg], writeto_stdout=True, exitcode=0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
     _fail(_one_line(error), 2)
-  except (KeyError, AttributeError, ValueError, TypeError) as error:  # raised by config overrides
-    _fail(f"bad config override: {str(error).splitlines()[0]}", 2)
-  except (SyntaxError, ImportError, NameError, OSError) as error:  # a config file that fails
-    _fail(f"--config: {_one_line(f'{type(error).__name__}: {error}')}", 2)
+  except Exception as error:  # pylint: disable=broad-except  (the config file or an override)
+    _fail(flag_errors.message(error, argv), 2)
 
 
 def _start_cluster(cluster_lib) -> None:
@@ -127,10 +151,18 @@ def _start_cluster(cluster_lib) -> None:
                                   os.environ, _DISTRIBUTED.value)
   except ValueError as error:  # ConfigError
     _fail(str(error), 2)
+  where = cluster.coordinator_address or f"the {cluster.kind} coordinator"
   try:
-    cluster_lib.initialize(cluster, heartbeat_timeout_s=_HEARTBEAT.value)
+    cluster_lib.initialize(cluster, heartbeat_timeout_s=_HEARTBEAT.value,
+                           timeout_s=_JOIN_TIMEOUT.value)
+  except cluster_lib.JoinTimeout:
+    print(f"error: process {cluster.process_id} waited {_JOIN_TIMEOUT.value} s at {where} for "
+          f"the other processes of the {cluster.num_processes}-process run, and not all "
+          "joined: start the same command on every process, each with the same process count "
+          "and coordinator and its own id (or raise --join_timeout_s)",
+          file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access  (the join thread cannot be stopped; nothing to save)
   except Exception as error:  # pylint: disable=broad-except  (any failure to join: one line)
-    where = cluster.coordinator_address or f"the {cluster.kind} coordinator"
     _fail(f"process {cluster.process_id} could not join the {cluster.num_processes}-process "
           f"run at {where}: {_one_line(f'{type(error).__name__}: {error}')}", 1)
 
@@ -156,10 +188,9 @@ def main(argv):
   try:
     config = _CONFIG.value
     config.keys()  # ml_collections defers a config file's load error to the first use
-  except (OSError, SyntaxError, ImportError, ValueError, TypeError, AttributeError,
-          NameError) as error:
-    cause = error.__cause__ or error
-    _fail(f"--config: {_one_line(f'{type(cause).__name__}: {cause}')}", 2)
+  except Exception as error:  # pylint: disable=broad-except  (whatever the config's code raised)
+    from selfkd_jax.train import flag_errors  # pylint: disable=g-import-not-at-top
+    _fail(flag_errors.message(error.__cause__ or error, sys.argv), 2)
   _start_cluster(cluster_lib)
   try:
     results = loop.train_and_evaluate(config, _WORKDIR.value)

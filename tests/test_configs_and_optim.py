@@ -46,6 +46,43 @@ def test_config_file(path):
   assert stem == name or stem.startswith(name + "_"), (stem, name)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("optimizer.momentum", 1.5, "config.optimizer.momentum=1.5 must be a number in [0.0, 1.0)"),
+    ("optimizer.weight_decay", -1.0, "config.optimizer.weight_decay=-1.0 must be a number >= 0"),
+    ("optimizer.warmup_epochs", -1.0, "config.optimizer.warmup_epochs=-1.0 must be a number"),
+    ("optimizer.momentum", float("nan"), "config.optimizer.momentum=nan must be a number"),
+    ("data.flip", 2, "config.data.flip=2 is not allowed; allowed: -1, 0, 1"),
+    ("checkpoint_every_steps", -5, "config.checkpoint_every_steps=-5 must be an integer >= 0 "
+                                   "(0 = at the end of every epoch)"),
+    ("log_every_steps", 0, "config.log_every_steps=0 must be an integer >= 1"),
+])
+def test_values_a_run_used_to_accept_are_refused(key, value, message):
+  """Each of these trained before: a negative weight decay or a momentum of 1.5 as given, a
+  negative checkpoint interval as-is, log_every_steps 0 clamped to 1, flip 2 as 'on'."""
+  config = load(os.path.join(REPO, "configs", "fashion_mnist", "ce.py")).get_config("smoke")
+  config_check.check_config(config, num_devices=1)
+  *parents, leaf = key.split(".")
+  target = config
+  for parent in parents:
+    target = target[parent]
+  target[leaf] = value
+  with pytest.raises(config_check.ConfigError) as error:
+    config_check.check_config(config, num_devices=1)
+  assert str(error.value).startswith(message), str(error.value)
+
+
+@pytest.mark.parametrize("value", [-1, 3, 1.5])
+def test_num_devices_outside_0_to_visible_is_refused(value):
+  """-1 used to train on all but one device (devices[:-1]); with 2 devices visible."""
+  from selfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"num_devices": value})
+  with pytest.raises(config_check.ConfigError, match=rf"config.num_devices={value} must be 0 "
+                                                     r"\(every visible device\) or 1\.\.2"):
+    loop.select_devices(config, devices=["d0", "d1"])
+  assert loop.select_devices(ml_collections.ConfigDict({"num_devices": 0}),
+                             devices=["d0", "d1"]) == ["d0", "d1"]
+
+
 def test_every_method_has_configs_and_fashion_mnist_shares_one_recipe():
   from selfkd_jax.train.method_factory import METHOD_NAMES
   reference = load(os.path.join(REPO, "configs", "fashion_mnist", "ce.py")).get_config()

@@ -225,11 +225,23 @@ KD = "--config=configs/fashion_mnist/kd.py:smoke"
 # Every configuration check, launched as a user would: (flags, the error line's text, id).
 # "{tiny}" is a Fashion-MNIST-format folder of 4x4 images written by the test.
 BAD_INPUTS = [
-    (["--config=no_such_config.py"], "--config: OSError", "missing file"),
-    (["--config=configs"], "--config: IsADirectoryError", "directory"),
+    (["--config=no_such_config.py"], "--config=no_such_config.py: no such file", "missing file"),
+    (["--config=configs"], "--config=configs: IsADirectoryError", "directory"),
+    (["--config={raises}"], "--config={raises}: ZeroDivisionError: division by zero", "raises"),
+    (["--config={no_get_config}"], "--config={no_get_config}: the file defines no get_config()",
+     "no get_config"),
     ([f"{SMOKE[:-6]}:nonsense"], "unknown config argument 'nonsense'; allowed: smoke", "bad arg"),
     ([SMOKE, "--no_such_flag"], "Unknown command line flag 'no_such_flag'", "unknown flag"),
-    ([SMOKE, "--config.no_such_key=1"], "bad config override", "unknown key"),
+    ([SMOKE, "--config.no_such_key=1"], "--config.no_such_key=1: config has no key "
+     "'no_such_key'; its keys: batch_size, checkpoint_every_steps, data,", "unknown key"),
+    ([SMOKE, "--config.optimizer.learning_rat=0.1"], "--config.optimizer.learning_rat=0.1: "
+     "config.optimizer has no key 'learning_rat' (did you mean 'learning_rate'?); its keys: ",
+     "misspelled key"),
+    (["--config.method.alpha=0.5"], "--config.method.alpha=0.5: config.method has no key "
+     "'alpha' (did you mean 'alpha_T'?); its keys: alpha_T, name, refresh, storage_dtype",
+     "default config, other key"),
+    ([SMOKE, "--config.data.name.x=1"], "config.data.name is a value ('fashion_mnist'), not a "
+     "group of keys", "key under a value"),
     ([SMOKE, "--config.eval_every_epochs=0"], "config.eval_every_epochs=0 must be an integer",
      "eval_every 0"),
     ([SMOKE, "--config.seed=-1"], "config.seed=-1 must be an integer >= 0", "seed -1"),
@@ -261,7 +273,7 @@ BAD_INPUTS = [
      "config.model.num_classes=7 does not match dataset 'fashion_mnist'", "num_classes"),
     ([SMOKE, "--config.parallel=threads"], "config.parallel='threads' is not allowed",
      "parallel"),
-    ([SMOKE, "--config.num_devices=3"], "config.num_devices=3 but only 2 devices", "devices"),
+    ([SMOKE, "--config.num_devices=3"], "config.num_devices=3 must be 0 (every visible device) or 1..2", "devices"),
     ([SMOKE, "--config.batch_size=4096"],
      "config.batch_size=4096 is larger than the training set (2048 examples)", "batch > N"),
     ([SMOKE, "--config.eval_batch_size=3"], "config.eval_batch_size=3 must be 0", "eval batch"),
@@ -309,7 +321,13 @@ def tiny_images(tmp_path_factory):
 def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, tiny_images,
                                                                      flags, message):
   workdir = tmp_path / "run"
-  flags = [flag.replace("{tiny}", tiny_images) for flag in flags]
+  (tmp_path / "raises.py").write_text("def get_config():\n  return 1 / 0\n")
+  (tmp_path / "no_get_config.py").write_text("CONFIG = {}\n")
+  def fill(text):
+    return (text.replace("{tiny}", tiny_images).replace("{raises}", str(tmp_path / "raises.py"))
+            .replace("{no_get_config}", str(tmp_path / "no_get_config.py")))
+
+  flags, message = [fill(flag) for flag in flags], fill(message)
   result = launch(str(workdir), *flags, timeout=120)
   assert result.returncode == 2, result.stderr
   assert "Traceback" not in result.stderr
@@ -318,13 +336,23 @@ def test_bad_input_is_one_line_and_exit_2_before_anything_is_written(tmp_path, t
   assert not workdir.exists()
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h", "--helpfull"])
+def test_help_is_printed_to_stdout_with_exit_0(flag):
+  """absl exited 1 after --help (the status of a data error) and refused -h."""
+  result = subprocess.run([sys.executable, "launch.py", flag], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert "--workdir" in result.stdout and "--join_timeout_s" in result.stdout
+  assert ("logtostderr" in result.stdout) == (flag == "--helpfull")  # absl's own flags
+
+
 def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
   path = tmp_path / "broken.py"
   path.write_text("def get_config(:\n")
   result = launch(str(tmp_path / "run"), f"--config={path}", timeout=120)
   assert result.returncode == 2, result.stderr
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert error_lines == [f"error: --config: SyntaxError: invalid syntax (broken.py, line 1)"], \
+  assert error_lines == [f"error: --config={path}: SyntaxError: invalid syntax (broken.py, line 1)"], \
       result.stderr
 
 

@@ -263,6 +263,52 @@ def test_a_bad_launch_environment_is_one_line_before_anything_is_written(tmp_pat
   assert not workdir.exists()
 
 
+def _alone(workdir, port, *flags):
+  """Process 0 of a 2-process run whose process 1 never comes."""
+  return subprocess.Popen(
+      [sys.executable, "launch.py", f"--workdir={workdir}", *FLAGS, *flags], cwd=REPO,
+      env=_env(1, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID="0"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_join_that_never_completes_times_out_in_one_line_and_a_signal_stops_it(tmp_path):
+  """A process waiting for peers that never come used to sit in JAX's join deaf to SIGTERM and
+  Ctrl-C, then die after 5 minutes of a fatal C++ log and a core dump. Now: one line, exit 1
+  after --join_timeout_s; and a SIGTERM while waiting stops it at once (exit 143)."""
+  waiting_port, timing_port = _free_port(), _free_port()
+  timing_out = _alone(tmp_path / "a", timing_port, "--join_timeout_s=3")
+  waiting = _alone(tmp_path / "b", waiting_port, "--join_timeout_s=600")
+  try:
+    _check_join_timeout_and_signal(tmp_path, waiting, waiting_port, timing_out, timing_port)
+  finally:  # a failure must not leave a process waiting for its peer
+    for process in (timing_out, waiting):
+      if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+def _check_join_timeout_and_signal(tmp_path, waiting, waiting_port, timing_out, timing_port):
+  deadline = time.time() + 120
+  while True:  # the coordinator listens once process 0 is inside the join
+    assert waiting.poll() is None and time.time() < deadline, waiting.stderr.read()
+    with socket.socket() as probe:
+      if probe.connect_ex(("127.0.0.1", waiting_port)) == 0:
+        break
+    time.sleep(0.1)
+  waiting.send_signal(signal.SIGTERM)
+  _, stderr = waiting.communicate(timeout=30)
+  assert waiting.returncode == 143, stderr
+  assert stderr.strip().splitlines()[-1].startswith("error: SIGTERM outside the training loop")
+
+  _, stderr = timing_out.communicate(timeout=120)
+  assert timing_out.returncode == 1, stderr
+  assert stderr.strip().splitlines() == [
+      f"error: process 0 waited 3 s at 127.0.0.1:{timing_port} for the other processes of the "
+      "2-process run, and not all joined: start the same command on every process, each with "
+      "the same process count and coordinator and its own id (or raise --join_timeout_s)"]
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_a_busy_workdir_refuses_every_process_of_a_multi_process_run(tmp_path):
   """The lock is the run's: process 0 takes it and tells the others, so all stop together."""
   import fcntl  # pylint: disable=g-import-not-at-top

@@ -19,6 +19,8 @@ launch is resolved up front into a `Cluster`, and a partial or inconsistent one 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 from typing import Mapping
 
 from selfkd_jax.train.config_check import ConfigError
@@ -101,13 +103,47 @@ def resolve(flags: Mapping[str, object], environ: Mapping[str, str],
   return Cluster("single")
 
 
+class JoinTimeout(RuntimeError):
+  """Not every process of the run joined within the timeout (environment: exit 1)."""
+
+
+# JAX's own deadline comes this much after ours: when it expires first it ends the process with
+# a fatal C++ log and a core dump, not an exception.
+_JAX_DEADLINE_MARGIN_S = 60
+_POLL_S = 0.2
+
+
 def initialize(cluster: Cluster, *, heartbeat_timeout_s: int, timeout_s: int = 300) -> None:
-  """Starts JAX's multi-controller runtime for `cluster` (nothing for 'single')."""
+  """Starts JAX's multi-controller runtime for `cluster` (nothing for 'single').
+
+  The join (`jax.distributed.initialize`, which blocks until every process has connected)
+  runs on a helper thread while this one waits in short slices, for two reasons: Python runs
+  signal handlers only in the main thread and only between bytecodes, so a SIGTERM or Ctrl-C
+  sent while the main thread sat inside the join did nothing until it ended; and a join that
+  never completes (a process not started, or started with another count) ends here after
+  `timeout_s` with `JoinTimeout`, instead of in JAX's fatal abort.
+  """
   if not cluster.distributed:
     return
   import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
-                             num_processes=cluster.num_processes,
-                             process_id=cluster.process_id,
-                             initialization_timeout=timeout_s,
-                             heartbeat_timeout_seconds=heartbeat_timeout_s)
+  failure = []
+
+  def join():
+    try:
+      jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
+                                 num_processes=cluster.num_processes,
+                                 process_id=cluster.process_id,
+                                 initialization_timeout=timeout_s + _JAX_DEADLINE_MARGIN_S,
+                                 heartbeat_timeout_seconds=heartbeat_timeout_s)
+    except BaseException as error:  # pylint: disable=broad-except  (re-raised by the caller)
+      failure.append(error)
+
+  thread = threading.Thread(target=join, daemon=True, name="selfkd-join")
+  thread.start()
+  deadline = time.monotonic() + timeout_s
+  while thread.is_alive():
+    thread.join(_POLL_S)  # returns to the interpreter often: signal handlers run in between
+    if thread.is_alive() and time.monotonic() > deadline:
+      raise JoinTimeout(f"not every process joined within {timeout_s} s")
+  if failure:
+    raise failure[0]

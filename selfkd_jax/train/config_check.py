@@ -69,12 +69,12 @@ def check_config(config, num_devices: int) -> None:
   for key in ("seed", "num_epochs", "batch_size"):
     if key not in config:
       raise ConfigError(f"config.{key} is missing")
-  if not _is_int(config.seed) or config.seed < 0:
+  if not is_int(config.seed) or config.seed < 0:
     raise ConfigError(f"config.seed={config.seed!r} must be an integer >= 0")
-  if not _is_int(config.num_epochs) or config.num_epochs <= 0:
+  if not is_int(config.num_epochs) or config.num_epochs <= 0:
     raise ConfigError(f"config.num_epochs={config.num_epochs!r} must be an integer > 0")
   eval_every = config.get("eval_every_epochs", 1)
-  if not _is_int(eval_every) or eval_every < 1:
+  if not is_int(eval_every) or eval_every < 1:
     raise ConfigError(f"config.eval_every_epochs={eval_every!r} must be an integer >= 1 (the "
                       "last epoch is always evaluated)")
   if config.batch_size <= 0 or config.batch_size % num_devices:
@@ -108,6 +108,26 @@ def check_config(config, num_devices: int) -> None:
   if config.get("keep_checkpoints", 2) < 1:
     raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must be >= 1 (a run "
                       "keeps at least its latest checkpoint)")
+  _check_range("config.log_every_steps", config.get("log_every_steps", 50), 1, None, "an integer")
+  _check_range("config.checkpoint_every_steps", config.get("checkpoint_every_steps", 0), 0, None,
+               "an integer", "(0 = at the end of every epoch)")
+  _allowed("config.data.flip", config.data.get("flip", -1), (-1, 0, 1))
+  _check_optimizer_numbers(config.optimizer)
+
+
+def _check_range(key: str, value, low, high, kind: str = "a number", note: str = "") -> None:
+  """`value` must be `kind` ('an integer' or 'a number') in [low, high) (None: unbounded)."""
+  ok = is_int(value) if kind == "an integer" else _is_number(value) and value == value
+  ok = ok and (low is None or value >= low) and (high is None or value < high)
+  if not ok:
+    bounds = (f">= {low}" if high is None else f"in [{low}, {high})")
+    raise ConfigError(f"{key}={value!r} must be {kind} {bounds}{' ' + note if note else ''}")
+
+
+def _check_optimizer_numbers(optimizer) -> None:
+  _check_range("config.optimizer.momentum", optimizer.get("momentum", 0.0), 0.0, 1.0)
+  _check_range("config.optimizer.weight_decay", optimizer.get("weight_decay", 0.0), 0.0, None)
+  _check_range("config.optimizer.warmup_epochs", optimizer.get("warmup_epochs", 0.0), 0.0, None)
 
 
 MAX_WORKERS = 256
@@ -118,17 +138,17 @@ def _check_host_images(data) -> None:
   dataset is one is checked when it is opened."""
   size, resize = data.get("image_size", 0), data.get("resize_size", 0)
   workers = data.get("workers", -1)
-  if not _is_int(size) or size < 0:
+  if not is_int(size) or size < 0:
     raise ConfigError(f"config.data.image_size={size!r} must be an integer >= 0 (0 = a "
                       "fixed-size dataset's own size; variable-size datasets need the side of "
                       "their square images, e.g. 224)")
-  if not _is_int(resize) or resize < 0 or (resize and resize < size):
+  if not is_int(resize) or resize < 0 or (resize and resize < size):
     raise ConfigError(f"config.data.resize_size={resize!r} must be 0 (= image_size / 0.875) or "
                       f"an integer >= config.data.image_size ({size})")
   if resize and not size:
     raise ConfigError(f"config.data.resize_size={resize} needs config.data.image_size > 0 "
                       "(both apply to variable-size datasets only)")
-  if not _is_int(workers) or not -1 <= workers <= MAX_WORKERS:
+  if not is_int(workers) or not -1 <= workers <= MAX_WORKERS:
     raise ConfigError(f"config.data.workers={workers!r} must be -1 (auto: cores - 1, at most 16), "
                       f"0 (decode in the main process) or 1..{MAX_WORKERS} worker processes")
   if workers > 0 and data.get("reader", "auto") == "threads":
@@ -136,7 +156,7 @@ def _check_host_images(data) -> None:
                       "'grain' (the workers are grain's processes); use -1 or 0 with 'threads'")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -225,7 +245,7 @@ def check_against_dataset(config, info) -> None:
                       f"step counter is int32 (at most {2**31 - 1})")
   side = min(info.image_shape[:2])
   crop = config.data.get("crop_padding", -1)
-  if not _is_int(crop) or not -1 <= crop <= side // 2:
+  if not is_int(crop) or not -1 <= crop <= side // 2:
     raise ConfigError(f"config.data.crop_padding={crop!r} must be -1 (the dataset's default) or "
                       f"0..{side // 2} (half the {side}-pixel image side)")
   _check_augmentation(config.data, side, info.image_shape[-1])
@@ -252,7 +272,7 @@ def _check_augmentation(data, side: int, channels: int) -> None:
   """The augmentations after crop and flip (`data.augment.augment_batch`); all off by default."""
   from selfkd_jax.data.augment import AUTOAUGMENT_POLICIES
   fill = data.get("crop_fill", 0)
-  if not _is_int(fill) or not 0 <= fill <= 255:
+  if not is_int(fill) or not 0 <= fill <= 255:
     raise ConfigError(f"config.data.crop_fill={fill!r} must be an integer 0..255 (the pixel "
                       "value of the random crop's padding, all channels)")
   degrees = data.get("rotation_degrees", 0.0)
@@ -272,7 +292,7 @@ def _check_augmentation(data, side: int, channels: int) -> None:
       raise ConfigError(f"config.data.{key}={value!r} needs RGB images, the dataset has "
                         f"{channels} channel(s); use 0")
   length = data.get("cutout", 0)
-  if not _is_int(length) or not 0 <= length <= side:
+  if not is_int(length) or not 0 <= length <= side:
     raise ConfigError(f"config.data.cutout={length!r} must be an integer 0..{side} (0 = off; "
                       f"the side in pixels of the square cut out of the {side}-pixel image)")
 

@@ -59,13 +59,15 @@ class Preempted(Exception):
     self.exit_status = 128 + signum
 
 
-def select_devices(config) -> list:
-  devices = jax.devices()
-  wanted = config.get("num_devices", 0) or len(devices)
-  if wanted > len(devices):
-    raise config_check.ConfigError(f"config.num_devices={wanted} but only {len(devices)} "
-                                   "devices are visible")
-  return devices[:wanted]
+def select_devices(config, devices=None) -> list:
+  """The first `config.num_devices` of `devices` (default: `jax.devices()`); 0 = all."""
+  devices = jax.devices() if devices is None else list(devices)
+  wanted = config.get("num_devices", 0)
+  if not config_check.is_int(wanted) or not 0 <= wanted <= len(devices):
+    raise config_check.ConfigError(
+        f"config.num_devices={wanted!r} must be 0 (every visible device) or 1..{len(devices)} "
+        f"({len(devices)} device{'s are' if len(devices) > 1 else ' is'} visible)")
+  return devices[:wanted or len(devices)]
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
