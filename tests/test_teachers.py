@@ -82,16 +82,38 @@ def test_resume_refuses_a_changed_teacher(teacher_and_student, tmp_path):
   # A student that started from this teacher (its teacher.json), then the teacher is retrained.
   shutil.copy(student_dir / "teacher.json", tmp_path / "teacher.json")
   changed = tmp_path / "changed_teacher"
-  loop.train_and_evaluate(_with_seed(config.teacher.config, 7), str(changed))
+  original = config.teacher.config
+  config.teacher.config = _with_seed(original, 7)
+  loop.train_and_evaluate(config.teacher.config, str(changed))
   config.teacher.workdir = str(changed)
   with pytest.raises(ConfigError, match="changed since this run started"):
     teacher_lib.prepare_teacher(config, str(tmp_path), num_classes=10, resuming=True,
                                 train=loop.train_and_evaluate)
   # Unchanged: accepted.
-  config.teacher.workdir = str(teacher_dir)
+  config.teacher.workdir, config.teacher.config = str(teacher_dir), original
   teacher = teacher_lib.prepare_teacher(config, str(tmp_path), num_classes=10, resuming=True,
                                         train=loop.train_and_evaluate)
   assert teacher.step == 8
+
+
+def test_a_finished_teacher_run_of_another_config_is_refused(teacher_and_student, tmp_path):
+  """A teacher override (more epochs, another model) used to be dropped silently when the
+  teacher workdir already held a finished run, while the student's config.json recorded it."""
+  teacher_dir, _, _ = teacher_and_student
+  config = student_config(teacher_dir)
+  config.teacher.config.num_epochs = 2
+  with pytest.raises(ConfigError, match=(
+      rf"the finished teacher run in {teacher_dir} was trained with another config than "
+      r"config.teacher.config \(config.teacher.config.num_epochs: saved 1, now 2\)")):
+    teacher_lib.prepare_teacher(config, str(tmp_path / "s"), num_classes=10, resuming=False,
+                                train=loop.train_and_evaluate)
+  assert not (tmp_path / "s").exists()
+  config = student_config(teacher_dir)
+  config.teacher.config.model.name = "lenet5_bn"
+  with pytest.raises(ConfigError, match=r"config.teacher.config.model.name: saved 'mlp', now "
+                                        r"'lenet5_bn'"):
+    teacher_lib.prepare_teacher(config, str(tmp_path / "s"), num_classes=10, resuming=False,
+                                train=loop.train_and_evaluate)
 
 
 def _with_seed(config, seed):

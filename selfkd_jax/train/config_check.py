@@ -322,12 +322,31 @@ def check_workdir(config, workdir: str) -> None:
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({e}); it records which config this workdir's "
                       "checkpoints belong to: restore it or use another --workdir") from None
+  difference = config_difference(saved, config)
+  if difference:
+    raise ConfigError(f"workdir {workdir} holds checkpoints of a different config "
+                      f"(config.{difference}); use another --workdir")
+
+
+def config_difference(saved: dict, config) -> str | None:
+  """The first key where `config` and a run's `comparable` saved config differ, as
+  `key: saved <v>, now <w>` (a `name` first: the method or model that changed says more than
+  the keys that come with it), or None when they describe the same run."""
   current = comparable(json.loads(config.to_json()))
-  for key in sorted(set(saved) | set(current)):
+  return _first_difference(saved, current, "")
+
+
+def _first_difference(saved, current, prefix: str) -> str | None:
+  if saved == current:
+    return None
+  if not (isinstance(saved, dict) and isinstance(current, dict)):
+    return f"{prefix}: saved {saved!r}, now {current!r}"
+  keys = sorted(set(saved) | set(current), key=lambda k: (k != "name", k))
+  for key in keys:
     if saved.get(key) != current.get(key):
-      raise ConfigError(
-          f"workdir {workdir} holds checkpoints of a different config (config.{key}: saved "
-          f"{_flat_diff(saved.get(key), current.get(key))}); use another --workdir")
+      return _first_difference(saved.get(key), current.get(key),
+                               f"{prefix}.{key}" if prefix else key)
+  return None
 
 
 def _holds_a_run(workdir: str) -> bool:
@@ -335,11 +354,3 @@ def _holds_a_run(workdir: str) -> bool:
   if os.path.exists(os.path.join(workdir, RESULTS_FILE)):
     return True
   return bool(checkpoint_steps(os.path.join(workdir, CHECKPOINT_DIR)))
-
-
-def _flat_diff(saved, current) -> str:
-  if isinstance(saved, dict) and isinstance(current, dict):
-    for key in sorted(set(saved) | set(current)):
-      if saved.get(key) != current.get(key):
-        return f"{key}={saved.get(key)!r}, now {current.get(key)!r}"
-  return f"{saved!r}, now {current!r}"

@@ -28,7 +28,7 @@ import numpy as np
 
 from selfkd_jax import heads, models
 from selfkd_jax.train.checkpoint import Checkpointer
-from selfkd_jax.train.config_check import ConfigError
+from selfkd_jax.train.config_check import ConfigError, comparable, config_difference
 from selfkd_jax.train.run_log import write_json_atomic
 from selfkd_jax.train.workdir_files import (BEST_CHECKPOINT_DIR, BEST_CHECKSUM_DIR, CONFIG_FILE,
                                             RESULTS_FILE, TEACHER_FILE, WorkdirError)
@@ -114,6 +114,26 @@ def load_teacher(workdir: str, num_classes: int, checkpoint: str = "last") -> Te
                  sha256=variables_sha256(variables), config=teacher_config)
 
 
+def _check_finished_run_is_this_teacher(teacher_config, directory: str) -> None:
+  """A finished run used as the teacher must be the run `config.teacher.config` describes: the
+  student's config.json records that config, and a teacher override (more epochs, another
+  model) must not be dropped silently in favour of whatever run is there."""
+  path = os.path.join(directory, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      saved = comparable(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is unreadable ({type(e).__name__}); it records which config the "
+                      "teacher run was trained with") from None
+  difference = config_difference(saved, teacher_config)
+  if difference:
+    raise ConfigError(
+        f"the finished teacher run in {directory} was trained with another config than "
+        f"config.teacher.config (config.teacher.config.{difference}): drop the teacher "
+        "overrides to distil from that run, or point --config.teacher.workdir at a new "
+        "directory to train this teacher there")
+
+
 def prepare_teacher(config, workdir: str, *, num_classes: int, resuming: bool,
                     train: Callable[[Any, str], Any], log: Callable[[str], Any] = print
                     ) -> Teacher:
@@ -143,6 +163,8 @@ def prepare_teacher(config, workdir: str, *, num_classes: int, resuming: bool,
         f"({config.teacher.get('source', '') or 'config.teacher.config'})")
     train(teacher_config, directory)
     log(f"Teacher: done; now training the student in {workdir}")
+  else:
+    _check_finished_run_is_this_teacher(teacher_config, directory)
   which = config.teacher.get("checkpoint", "last")
   teacher = load_teacher(directory, num_classes, which)
   record_path = os.path.join(workdir, TEACHER_FILE)
