@@ -373,10 +373,13 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
     for (step, _), values in zip(pending, fetched):
       if not math.isfinite(float(values["loss"])):
         last_good = checkpointer.latest_step()
+        kept = ("no checkpoint was written yet" if last_good is None else
+                f"the last good checkpoint is step {last_good} in {checkpointer.directory}")
         raise NonFiniteLossError(
             f"non-finite loss ({float(values['loss'])}) at step {step} (epoch "
-            f"{step // steps_per_epoch}); the last good checkpoint is step {last_good} in "
-            f"{checkpointer.directory}")
+            f"{step // steps_per_epoch + 1} of {config.num_epochs}); {kept}; lower "
+            "config.optimizer.learning_rate, or check the data's labels (a label outside "
+            "0..C-1 gives a NaN loss)")
     last_step, last = pending[-1][0], fetched[-1]
     log.write("train", last_step + 1, last)
     pending.clear()
