@@ -1,4 +1,6 @@
 """CS-KD: same-class partner sampling in the data pipeline and the class-wise distillation."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +107,45 @@ def test_source_labels_from_memory_or_chunked_reads():
   got = data_pairs.source_labels(wrapped, chunk_size=16)
   np.testing.assert_array_equal(got, source.labels)
   assert got.dtype == np.int32 and wrapped.calls == 4
+
+
+def test_cached_labels_are_read_once_per_workdir(tmp_path):
+  """A source that reads every record for its labels (ImageNet: ~140 GB) does so once; a
+  resumed run reads the file. A stale or broken file is read again; labels held in memory
+  need no file."""
+
+  class ReadsRecords:  # like EncodedImageSource: labels only by reading every record
+    def __init__(self, labels):
+      self.values, self.calls = labels, 0
+
+    def __len__(self):
+      return len(self.values)
+
+    def get_batch(self, indices):
+      self.calls += 1
+      return {"label": self.values[indices]}
+
+  path = str(tmp_path / "train_labels.npy")
+  labels = np.arange(40, dtype=np.int32) % 7
+  first = ReadsRecords(labels)
+  np.testing.assert_array_equal(data_pairs.cached_source_labels(first, path), labels)
+  assert first.calls == 1 and os.listdir(tmp_path) == ["train_labels.npy"]
+  resumed = ReadsRecords(labels)
+  np.testing.assert_array_equal(data_pairs.cached_source_labels(resumed, path), labels)
+  assert resumed.calls == 0
+  longer = ReadsRecords(np.arange(41, dtype=np.int32) % 7)  # not this file's source
+  assert len(data_pairs.cached_source_labels(longer, path)) == 41 and longer.calls == 1
+  with open(path, "wb") as f:
+    f.write(b"\x93NUMPY half a file")
+  broken = ReadsRecords(labels)
+  np.testing.assert_array_equal(data_pairs.cached_source_labels(broken, path), labels)
+  assert broken.calls == 1 and np.load(path).shape == (40,)
+  not_written = ReadsRecords(labels)
+  data_pairs.cached_source_labels(not_written, str(tmp_path / "other.npy"), write=False)
+  assert not (tmp_path / "other.npy").exists()
+  in_memory = _source(n=50)
+  assert data_pairs.cached_source_labels(in_memory, str(tmp_path / "mem.npy")) is in_memory.labels
+  assert not (tmp_path / "mem.npy").exists()
 
 
 # --- TrainBatches(partners=...) -------------------------------------------------------------

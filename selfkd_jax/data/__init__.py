@@ -17,6 +17,7 @@ from selfkd_jax.data.array_source import ArraySource
 from selfkd_jax.data.augment import augment_batch, normalize
 from selfkd_jax.data.errors import DataError
 from selfkd_jax.data.info import DATASET_NAMES, DatasetInfo
+from selfkd_jax.data.pairs import cached_source_labels, same_class_partners
 from selfkd_jax.data.pipeline import (TrainBatches, epoch_permutation, eval_batches,
                                       num_processes_for, prefetch_to_device, steps_per_epoch,
                                       train_batch_indices)
@@ -25,7 +26,9 @@ from selfkd_jax.data.tfds_source import EncodedImageSource, ImageSizeError
 
 __all__ = [
     "ArraySource", "DATASET_NAMES", "DataError", "DatasetInfo", "EncodedImageSource",
-    "ImageSizeError", "TrainBatches", "augment_batch", "epoch_permutation", "eval_batches",
-    "load_splits", "normalize", "num_processes_for", "prefetch_to_device", "steps_per_epoch",
+    "ImageSizeError", "TrainBatches", "augment_batch", "cached_source_labels",
+    "epoch_permutation", "eval_batches",
+    "load_splits", "normalize", "num_processes_for", "prefetch_to_device", "same_class_partners",
+    "steps_per_epoch",
     "train_batch_indices",
 ]

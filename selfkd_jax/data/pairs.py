@@ -4,6 +4,9 @@ The sampler itself (`SameClassPartners`, numpy only) lives in `selfkd_jax.partne
 user's own loop can use it without the trainer's dependencies; this module adds what the
 pipeline needs: every label of a source, and data errors (exit 1) instead of value errors.
 """
+import os
+import tempfile
+
 import numpy as np
 
 from selfkd_jax import partners as partners_lib
@@ -29,6 +32,33 @@ def source_labels(source, chunk_size: int = _LABEL_CHUNK) -> np.ndarray:
   chunks = [np.asarray(source.get_batch(np.arange(start, min(start + chunk_size, n)))["label"])
             for start in range(0, n, chunk_size)]
   return np.concatenate(chunks).astype(np.int32) if chunks else np.zeros((0,), np.int32)
+
+
+def cached_source_labels(source, path: str, *, write: bool = True) -> np.ndarray:
+  """`source_labels(source)`, kept in the `.npy` file `path` after the first read.
+
+  Reading every label can mean reading every record: an ImageNet-size TFDS split holds the
+  JPEGs in the same records, about 140 GB read to find 1.28 M labels. A run that resumes (a
+  preempted job, many times over) then reads the file instead. A file of another length than
+  the source, or unreadable, is read again and replaced; it is written through a temporary
+  file and a rename (`write`: by one process only), so a reader never sees half of it. Labels
+  held in memory (`ArraySource`) are used as they are, no file.
+  """
+  if "labels" in getattr(source, "__dict__", {}):  # an attribute, not a property that reads
+    return source_labels(source)
+  try:
+    labels = np.load(path)
+    if labels.shape == (len(source),) and labels.dtype == np.int32:
+      return labels
+  except (OSError, ValueError, EOFError):
+    pass
+  labels = source_labels(source)
+  if write:
+    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp",
+                                     delete=False) as f:
+      np.save(f, labels)
+    os.replace(f.name, path)
+  return labels
 
 
 def same_class_partners(labels: np.ndarray, *, seed: int, exclude_self: bool = True

@@ -313,19 +313,25 @@ def check_workdir(config, workdir: str) -> None:
   A config.json with nothing trained next to it (a run refused or stopped before its first
   checkpoint) binds nothing: the next run replaces it.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path) or not _holds_a_run(workdir):
+  if not os.path.exists(os.path.join(workdir, CONFIG_FILE)) or not _holds_a_run(workdir):
     return
+  difference = difference_from_saved(config, workdir, "which config this workdir's checkpoints "
+                                     "belong to: restore it or use another --workdir")
+  if difference:
+    raise ConfigError(f"workdir {workdir} holds checkpoints of a different config "
+                      f"(config.{difference}); use another --workdir")
+
+
+def difference_from_saved(config, workdir: str, records: str) -> str | None:
+  """`config_difference` between `config` and the config.json of the run in `workdir`; an
+  unreadable config.json is a ConfigError saying it records `records`."""
+  path = os.path.join(workdir, CONFIG_FILE)
   try:
     with open(path) as f:
       saved = comparable(json.load(f))
   except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} is unreadable ({e}); it records which config this workdir's "
-                      "checkpoints belong to: restore it or use another --workdir") from None
-  difference = config_difference(saved, config)
-  if difference:
-    raise ConfigError(f"workdir {workdir} holds checkpoints of a different config "
-                      f"(config.{difference}); use another --workdir")
+    raise ConfigError(f"{path} is unreadable ({e}); it records {records}") from None
+  return config_difference(saved, config)
 
 
 def config_difference(saved: dict, config) -> str | None:

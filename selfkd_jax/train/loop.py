@@ -31,7 +31,9 @@ from selfkd_jax.train.method_factory import (MethodContext, model_fields, needs_
 from selfkd_jax.train.state import initial_state_fn
 from selfkd_jax.train.step import (EXIT_PREFIX, Augmentation, make_eval_step, make_refresh_step,
                                    make_train_step)
+from selfkd_jax.train.workdir_files import TRAIN_LABELS_FILE
 from selfkd_jax.train.workdir_lock import WorkdirLock, prepare_workdir
+
 
 class NonFiniteLossError(RuntimeError):
   """The loss became NaN or infinite; the message names the step."""
@@ -438,11 +440,16 @@ def _train(experiment: Experiment, checkpointer: Checkpointer, log: run_log.RunL
     return (step // steps_per_epoch % config.get("eval_every_epochs", 1) == 0
             or step == total_steps)
 
+  partners = False
+  if needs_partners(config.method):  # every label, read once per workdir (see the function)
+    partners = data_lib.same_class_partners(data_lib.cached_source_labels(
+        experiment.train_source, os.path.join(experiment.workdir, TRAIN_LABELS_FILE),
+        write=jax.process_index() == 0), seed=config.seed)
   batches = data_lib.TrainBatches(
       experiment.train_source, seed=config.seed, global_batch_size=config.batch_size,
       start_step=start_step, num_steps=total_steps, process_index=jax.process_index(),
       process_count=jax.process_count(), reader=config.data.get("reader", "auto"),
-      partners=needs_partners(config.method), num_processes=experiment.num_processes)
+      partners=partners, num_processes=experiment.num_processes)
   device_batches = parallel.prefetch(iter(batches), runner.put_batch)
   progress = _progress_bar(total_steps, start_step, config)
   last_values = None

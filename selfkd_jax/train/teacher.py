@@ -28,7 +28,7 @@ import numpy as np
 
 from selfkd_jax import heads, models
 from selfkd_jax.train.checkpoint import Checkpointer
-from selfkd_jax.train.config_check import ConfigError, comparable, config_difference
+from selfkd_jax.train.config_check import ConfigError, difference_from_saved
 from selfkd_jax.train.run_log import write_json_atomic
 from selfkd_jax.train.workdir_files import (BEST_CHECKPOINT_DIR, BEST_CHECKSUM_DIR, CONFIG_FILE,
                                             RESULTS_FILE, TEACHER_FILE, WorkdirError)
@@ -118,14 +118,8 @@ def _check_finished_run_is_this_teacher(teacher_config, directory: str) -> None:
   """A finished run used as the teacher must be the run `config.teacher.config` describes: the
   student's config.json records that config, and a teacher override (more epochs, another
   model) must not be dropped silently in favour of whatever run is there."""
-  path = os.path.join(directory, CONFIG_FILE)
-  try:
-    with open(path) as f:
-      saved = comparable(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} is unreadable ({type(e).__name__}); it records which config the "
-                      "teacher run was trained with") from None
-  difference = config_difference(saved, teacher_config)
+  difference = difference_from_saved(teacher_config, directory,
+                                     "which config the teacher run was trained with")
   if difference:
     raise ConfigError(
         f"the finished teacher run in {directory} was trained with another config than "

@@ -19,6 +19,7 @@ BEST_CHECKSUM_DIR = "best_checkpoint_checksums"
 LOCK_FILE = ".lock"                  # the run's flock; records host, pid and start time
 TENSORBOARD_DIR = "tb"
 TEACHER_FILE = "teacher.json"        # the frozen teacher a student distils from: path + sha256
+TRAIN_LABELS_FILE = "train_labels.npy"  # same-class partners (CS-KD): every training label
 
 
 def checkpoint_steps(checkpoint_dir: str) -> list[int]:
