@@ -178,6 +178,7 @@ def main(argv):
   from selfkd_jax.data import DataError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train import cluster as cluster_lib  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from selfkd_jax.train import config_check  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.config_check import ConfigError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.workdir_lock import WorkdirError  # pylint: disable=g-import-not-at-top
   from selfkd_jax.train.checkpoint import (  # pylint: disable=g-import-not-at-top
@@ -193,6 +194,9 @@ def main(argv):
     _fail(flag_errors.message(error.__cause__ or error, sys.argv), 2)
   _start_cluster(cluster_lib)
   try:
+    note = config_check.drop_published_unless_recipe(config, flags.FLAGS["config"].config_filename)
+    if note and jax.process_index() == 0:
+      print(note, flush=True)
     results = loop.train_and_evaluate(config, _WORKDIR.value)
   except ConfigError as error:
     _fail(str(error), 2)

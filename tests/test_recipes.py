@@ -12,6 +12,7 @@ from selfkd_jax.models import get_model, variable_shapes
 from selfkd_jax.train import cifar100_recipes as recipes
 from selfkd_jax.train import config_check
 from selfkd_jax.train.config_check import ConfigError
+from selfkd_jax.train.default_config import load_config_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR100 = os.path.join(REPO, "configs", "cifar100")
@@ -275,3 +276,26 @@ def test_imagenet_recipe_is_pskd_official_pipeline(method, error):
   assert module.get_config().published.top1 == round(100 - error, 2)
   assert solver(module.get_config()) == (90, 256, "sgd", 0.1, 0.9, False, 1e-4, "multistep",
                                          (30, 60), 0.1, 0.0)
+
+
+def test_only_the_recipe_itself_is_compared_with_the_published_number():
+  """`:smoke`, an override or another dataset keep `config.published` no more (the report
+  compared such runs with the paper's number); the recipe itself keeps it."""
+  path = "configs/cifar100/pskd_preact_resnet18.py"
+  recipe = load_config_file(path)
+  assert config_check.drop_published_unless_recipe(recipe, path) is None
+  assert recipe.published.top1 == 79.18
+  smoke = load_config_file(path, "smoke")
+  assert config_check.drop_published_unless_recipe(smoke, f"{path}:smoke") == (
+      f"Published number not compared: this run is not the recipe of {path} (config.data."
+      "limit_train: recipe 0, now 2048)")
+  assert smoke.published is None
+  changed = load_config_file(path)
+  changed.method.alpha_T = 0.5
+  note = config_check.drop_published_unless_recipe(changed, path)
+  assert note.endswith("(config.method.alpha_T: recipe 0.8, now 0.5)") and changed.published is None
+  elsewhere = load_config_file(path)
+  elsewhere.log_every_steps = 7  # a resumable key
+  elsewhere.data.dir = "/data/tfds"  # where the data lives, as docs/RECIPES.md has CIFAR runs
+  assert config_check.drop_published_unless_recipe(elsewhere, path) is None
+

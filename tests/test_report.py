@@ -343,6 +343,28 @@ def test_host_reading_keys_neither_split_groups_nor_refuse_a_resume(tmp_path, ca
   assert a["data"]["workers"] == 0  # the caller's dict is untouched
 
 
+def test_time_is_not_averaged_across_hardware_and_a_partial_mean_says_so(tmp_path, capsys):
+  """Runs on 1 and 4 devices (or pmap and shard_map) are one group, since results differ by
+  round-off only; their wall time and images/s are not one quantity. A value only some runs
+  have is averaged over those and marked."""
+  make_run(tmp_path / "a", seed=0, top1=0.9, num_devices=1)
+  make_run(tmp_path / "b", seed=1, top1=0.8, num_devices=4)
+  make_run(tmp_path / "c", seed=0, top1=0.7, method=dict(PSKD_08))
+  make_run(tmp_path / "d", seed=1, top1=0.6, method=dict(PSKD_08))
+  results = json.loads((tmp_path / "d" / "results.json").read_text())
+  results["images_per_s"] = None  # one logging window: no throughput measured
+  (tmp_path / "d" / "results.json").write_text(json.dumps(results))
+  assert run_report(capsys, tmp_path, "--out", tmp_path / "out")[0] == 0
+  rows = read_csv(tmp_path / "out" / "report.csv")
+  assert rows["ce"]["n"] == "2" and float(rows["ce"]["top1_last_mean"]) == (0.9 + 0.8) / 2
+  assert rows["ce"]["wall_s_mean"] == rows["ce"]["images_per_s_mean"] == ""
+  assert float(rows["pskd"]["images_per_s_mean"]) == 5000.0
+  assert float(rows["pskd"]["wall_s_mean"]) == 100.5
+  report = (tmp_path / "out" / "report.md").read_text()
+  pskd_line = next(line for line in report.splitlines() if line.startswith("| pskd |"))
+  assert pskd_line.endswith("| 100 ± 1 | 5000 (1 of 2) |"), pskd_line
+
+
 def test_ignored_keys_are_the_trainers_resumable_keys():
   from selfkd_jax.train import config_check
   assert set(groups.IGNORED_KEYS) == {"seed", *config_check.RESUMABLE_KEYS}

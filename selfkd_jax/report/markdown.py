@@ -16,8 +16,11 @@ NOTES = """\
 - top-5, NLL, ECE (15 equal-width bins) and AURC are those of the final epoch.
 - Each cell is mean ± sample standard deviation over the `n` seeds (n − 1 in the denominator);
   no ± when n = 1. `report.csv` has the unscaled fractions at full precision.
-- wall: the run's wall time, compilation and evaluation included. images/s: training
-  throughput, excluding the first logging window (compilation).
+- wall: the run's wall time, compilation and evaluation included (after a resume: the
+  earlier processes up to their last evaluated epoch, then the resumed one). images/s:
+  training throughput, excluding the first logging window (compilation). Both are blank for a
+  group whose runs used different device counts, parallel modes or readers, and a cell
+  averaged over fewer runs than `n` says `(k of n)`.
 """
 
 

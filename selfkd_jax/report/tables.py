@@ -44,6 +44,10 @@ CSV_COLUMNS = (["group", "method", "model", "dataset", "config", "n", "seeds"]
                + ["step_time_ratio_to_ce", "step_time_benchmark", "exit_top1",
                   "published_top1", "published_epoch", "published_source"])
 ENSEMBLE = "ensemble"
+# Time and throughput depend on the hardware a run used, not only on its config: a group whose
+# runs differ in these (resumable, so not grouping) keys gets no mean for them.
+TIMED_METRICS = ("wall_s", "images_per_s")
+HOW_RUN_KEYS = ("num_devices", "parallel", "data.reader", "data.workers")
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -76,10 +80,15 @@ def summarize(group: Group, records: list[dict] | None) -> dict[str, Any]:
       "config": "; ".join(f"{k}={v}" for k, v in group.distinguishing.items()),
       "n": len(group.runs), "seeds": " ".join(str(s) for s in group.seeds),
   }
+  mixed_hardware = len({_how_run(run) for run in group.runs}) > 1
+  row["counted"] = {}
   for metric in METRICS:
     values = [r.results[metric.key] for r in group.runs
               if r.results.get(metric.key) is not None]
+    if mixed_hardware and metric.name in TIMED_METRICS:
+      values = []
     row[f"{metric.name}_mean"], row[f"{metric.name}_std"] = mean_std(values)
+    row["counted"][metric.name] = len(values)
   record = None
   if records is not None:
     record = benchmark_lib.match(records, method=group.method, model=group.get("model.name"),
@@ -93,6 +102,17 @@ def summarize(group: Group, records: list[dict] | None) -> dict[str, Any]:
   row["published_epoch"] = published.get("epoch")
   row["published_source"] = published.get("source")
   return row
+
+
+def _how_run(run) -> tuple:
+  """The `HOW_RUN_KEYS` values of a run (device count, parallel mode, reader), as JSON."""
+  values = []
+  for key in HOW_RUN_KEYS:
+    node = run.config or {}
+    for part in key.split("."):
+      node = node.get(part) if isinstance(node, dict) else None
+    values.append(json.dumps(node, sort_keys=True))
+  return tuple(values)
 
 
 def write_csv(rows: Sequence[dict], path: str) -> None:
@@ -117,6 +137,11 @@ def _cell(mean, std, scale: float, digits: int) -> str:
   return text if std is None else f"{text} ± {std * scale:.{digits}f}"
 
 
+def _counted(cell: str, count: int | None, n: int) -> str:
+  """`cell`, marked `(k of n)` when only k of the group's n runs have the value."""
+  return f"{cell} ({count} of {n})" if cell and count is not None and count < n else cell
+
+
 def _escape(text: str) -> str:
   return str(text).replace("|", "\\|")
 
@@ -129,7 +154,8 @@ def results_table(rows: Sequence[dict], with_ratio: bool) -> str:
   lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
   for row in rows:
     cells = [_escape(row["group"]), str(row["n"])]
-    cells += [_cell(row[f"{m.name}_mean"], row[f"{m.name}_std"], m.scale, m.digits)
+    cells += [_counted(_cell(row[f"{m.name}_mean"], row[f"{m.name}_std"], m.scale, m.digits),
+                       row.get("counted", {}).get(m.name), row["n"])
               for m in shown]
     if with_ratio:
       ratio = row["step_time_ratio_to_ce"]

@@ -11,11 +11,13 @@ import os
 
 from selfkd_jax.data.grain_reader import READERS
 from selfkd_jax.train import optim
+from selfkd_jax.train.default_config import load_config_file
 from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
                                              needs_network_teacher)
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
                                             RESUMABLE_KEYS, checkpoint_steps,
-                                            without_added_defaults, without_resumable)
+                                            without_added_defaults, without_keys,
+                                            without_resumable)
 
 PARALLEL_MODES = ("shard_map", "pmap")
 UNBOUNDED_WEIGHTS = ("dkd", "aekt")
@@ -334,24 +336,61 @@ def difference_from_saved(config, workdir: str, records: str) -> str | None:
   return config_difference(saved, config)
 
 
-def config_difference(saved: dict, config) -> str | None:
+def config_difference(saved: dict, config, was: str = "saved") -> str | None:
   """The first key where `config` and a run's `comparable` saved config differ, as
-  `key: saved <v>, now <w>` (a `name` first: the method or model that changed says more than
+  `key: <was> <v>, now <w>` (a `name` first: the method or model that changed says more than
   the keys that come with it), or None when they describe the same run."""
   current = comparable(json.loads(config.to_json()))
-  return _first_difference(saved, current, "")
+  return _first_difference(saved, current, "", was)
 
 
-def _first_difference(saved, current, prefix: str) -> str | None:
+# Where a recipe's inputs live, not what they are: RECIPES.md has CIFAR runs point
+# config.data.dir at the prepared data, and a teacher may live in any workdir.
+RECIPE_LOCATIONS = ("data.dir", "teacher.workdir")
+
+
+def recipe_difference(config, path: str) -> str | None:
+  """Where `config` departs from the recipe its `config.published` number belongs to: the
+  config file's own `get_config()` (no argument: `:smoke` and the other arguments are
+  variants of it), compared on the keys that decide a result; None when it is the recipe."""
+  recipe, current = (without_keys(comparable(json.loads(c.to_json())), RECIPE_LOCATIONS)
+                     for c in (load_config_file(path), config))
+  return _first_difference(recipe, current, "", "recipe")
+
+
+def drop_published_unless_recipe(config, spec: str) -> str | None:
+  """Sets `config.published` to None when the run is not the recipe it is the paper's number
+  for (`:smoke`, an override, another dataset: `recipe_difference`), so that the report never
+  sets such a run's number beside the paper's. Returns the line saying so, or None.
+
+  Args:
+    config: the run's config (changed in place).
+    spec: the `--config` value, `path[:arg]`.
+  """
+  if not config.get("published"):
+    return None
+  path = spec.partition(":")[0]
+  try:
+    difference = recipe_difference(config, path)
+  except Exception as e:  # pylint: disable=broad-except  (the recipe itself does not load)
+    difference = f"its get_config() raised {type(e).__name__}"
+  if difference is None:
+    return None
+  config.published = None
+  return (f"Published number not compared: this run is not the recipe of {path} "
+          f"(config.{difference})")
+
+
+def _first_difference(saved, current, prefix: str, was: str) -> str | None:
   if saved == current:
     return None
   if not (isinstance(saved, dict) and isinstance(current, dict)):
-    return f"{prefix}: saved {saved!r}, now {current!r}"
+    return f"{prefix}: {was} {saved!r}, now {current!r}"
   keys = sorted(set(saved) | set(current), key=lambda k: (k != "name", k))
   for key in keys:
     if saved.get(key) != current.get(key):
       return _first_difference(saved.get(key), current.get(key),
-                               f"{prefix}.{key}" if prefix else key)
+                               f"{prefix}.{key}" if prefix else key, was)
   return None
 
 
