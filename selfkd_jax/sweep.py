@@ -43,7 +43,7 @@ import urllib.parse
 import warnings
 from typing import Sequence
 
-from selfkd_jax.train.workdir_files import CHECKPOINT_DIR, RESULTS_FILE
+from selfkd_jax.train.workdir_files import CHECKPOINT_DIR, RESULTS_FILE, RESUMABLE_KEYS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, "launch.py")
@@ -165,7 +165,11 @@ def _encode(text: str) -> str:
 
 
 def workdir_for(root: str, spec: str, seed: int, overrides) -> str:
-  name = config_stem(spec) + "".join(f"+{key}={_encode(value)}" for key, value in overrides)
+  """`<root>/<config stem>[+key=value...]/seed<seed>`. Keys a resume may change (how a run is
+  logged, checkpointed or spread over devices) do not name it: adding or dropping one, say
+  `--set progress_bar=False`, finds the same runs instead of starting them all again."""
+  name = config_stem(spec) + "".join(f"+{key}={_encode(value)}" for key, value in overrides
+                                     if key not in RESUMABLE_KEYS)
   return os.path.join(root, name, f"seed{seed}")
 
 
@@ -177,6 +181,10 @@ def plan(configs: Sequence[str], seeds: Sequence[int], override_sets, root: str)
   by_workdir: dict[str, Run] = {}
   for run in runs:
     other = by_workdir.setdefault(run.workdir, run)
+    if other is not run and other.config == run.config:
+      raise SweepError(f"--set values {dict(other.overrides)} and {dict(run.overrides)} differ "
+                       f"only in keys a resume may change, which name no workdir: they are one "
+                       f"run ({run.workdir}); sweep them into different --root folders")
     if other is not run:  # e.g. a/ce.py and b/ce.py: same stem
       raise SweepError(f"configs {other.config} and {run.config} would share the workdir "
                        f"{run.workdir}; sweep them into different --root folders")
@@ -249,8 +257,9 @@ def check_runs(runs: Sequence[Run]) -> dict[Run, str]:
     config = load_config(run)
     try:
       config_check.check_workdir(config, run.workdir)
-    except config_check.ConfigError as error:
-      conflicts[run] = str(error)
+    except config_check.ConfigError as error:  # its advice is launch.py's: say the sweep's
+      conflicts[run] = str(error).replace(
+          "use another --workdir", "sweep into another --root, or move that workdir away")
   return conflicts
 
 
@@ -335,8 +344,8 @@ def execute(runs: Sequence[Run], conflicts: dict[Run, str]) -> int:
   print(f"sweep: {len(runs)} runs: {counts['done']} ran, {counts['skipped']} already finished, "
         f"{len(failures)} failed", flush=True)
   for run, reason in failures:
-    print(f"failed: {run.workdir}: {reason}\n  rerun: {shlex.join(run.command())}",
-          file=sys.stderr, flush=True)
+    rerun = "" if run in conflicts else f"\n  rerun: {shlex.join(run.command())}"
+    print(f"failed: {run.workdir}: {reason}{rerun}", file=sys.stderr, flush=True)
   return 1 if failures else 0
 
 

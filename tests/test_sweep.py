@@ -140,6 +140,24 @@ def test_finished_run_of_another_config_is_a_failure(in_repo, tmp_path, capsys):
   status, _, err = run_sweep(capsys, f"--configs={CE}", "--seeds=0", f"--root={root}")
   assert status == 1
   assert "holds checkpoints of a different config (config.num_epochs" in err
+  # The sweep's own way out (launch.py's --workdir advice does not apply), and no 'rerun:'
+  # line: launch.py would refuse it the same way.
+  assert "sweep into another --root, or move that workdir away" in err
+  assert "--workdir" not in err and "rerun:" not in err
+
+
+def test_keys_a_resume_may_change_do_not_name_workdirs(in_repo, tmp_path, capsys):
+  """Adding --set progress_bar=False to a sweep used to start every finished run again."""
+  root = tmp_path / "r"
+  status, out, err = run_sweep(capsys, f"--configs={CE}", "--seeds=0", f"--root={root}",
+                               "--list", "--set", "progress_bar=False", "--set",
+                               "num_epochs=1")
+  assert status == 0, err
+  assert out.splitlines() == [command(CE, f"{root}/ce+num_epochs=1/seed0", 0,
+                                      "--config.progress_bar=False", "--config.num_epochs=1")]
+  status, _, err = run_sweep(capsys, f"--configs={CE}", "--seeds=0", f"--root={root}", "--list",
+                             "--set", "num_devices=1", "--set", "num_devices=2")
+  assert status == 2 and "differ only in keys a resume may change" in err, err
 
 
 @pytest.mark.parametrize("args, message", [
