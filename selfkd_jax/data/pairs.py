@@ -4,13 +4,11 @@ The sampler itself (`SameClassPartners`, numpy only) lives in `selfkd_jax.partne
 user's own loop can use it without the trainer's dependencies; this module adds what the
 pipeline needs: every label of a source, and data errors (exit 1) instead of value errors.
 """
-import os
-import tempfile
-
 import numpy as np
 
 from selfkd_jax import partners as partners_lib
 from selfkd_jax.data.errors import DataError
+from selfkd_jax.files import replaced_atomically
 
 _LABEL_CHUNK = 4096
 
@@ -54,10 +52,8 @@ def cached_source_labels(source, path: str, *, write: bool = True) -> np.ndarray
     pass
   labels = source_labels(source)
   if write:
-    with tempfile.NamedTemporaryFile(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp",
-                                     delete=False) as f:
+    with replaced_atomically(path, "wb") as f:
       np.save(f, labels)
-    os.replace(f.name, path)
   return labels
 
 

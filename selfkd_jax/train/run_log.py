@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import jax
 
+from selfkd_jax.files import replaced_atomically
 from selfkd_jax.train.workdir_files import (EVAL_HISTORY_FILE, METRICS_FILE, RESULTS_FILE,
                                             TENSORBOARD_DIR, WorkdirError)
 
 
 def write_json_atomic(path: str, payload) -> None:
   """Writes JSON through a temporary file and a rename, so readers never see half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+  with replaced_atomically(path) as f:
     json.dump(payload, f, indent=1, sort_keys=True)
-  os.replace(f.name, path)
 
 
 class RunLog:
