@@ -367,10 +367,11 @@ def _arguments(argv):
   parser.add_argument("--set", dest="settings", action="append", default=[],
                       metavar="KEY=VALUE", help="config override for every run; repeat a key "
                       "for a grid over its values")
-  parser.add_argument("--dry_run", "--dry-run", action="store_true",
-                      help="print each run's status and command; run nothing")
-  parser.add_argument("--list", action="store_true",
-                      help="print the commands of the unfinished runs, one per line")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--dry_run", "--dry-run", action="store_true",
+                    help="print each run's status and command; run nothing")
+  mode.add_argument("--list", action="store_true",
+                    help="print the commands of the unfinished runs, one per line")
   return parser.parse_args(argv)
 
 

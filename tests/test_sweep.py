@@ -171,6 +171,7 @@ def test_keys_a_resume_may_change_do_not_name_workdirs(in_repo, tmp_path, capsys
     ([f"--configs={CE}", "--set", "num_epochs=many"], "invalid literal for int()"),
     ([f"--configs={CE}:huge"], "unknown config argument 'huge'"),
     ([f"--configs={CE},{CE}"], "lists a config twice"),
+    ([f"--configs={CE}", "--dry_run"], "argument --list: not allowed with argument --dry_run"),
 ])
 def test_bad_input_is_one_line_and_status_2(in_repo, tmp_path, capsys, args, message):
   status, out, err = run_sweep(capsys, *args, f"--root={tmp_path}", "--list")
