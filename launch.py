@@ -36,7 +36,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "fashion_mnist", "pskd.py")
 
 
-
 def _define_config_flag():
   """`--config`. ml_collections loads the default config file right here, at definition,
   applying any --config.key overrides in sys.argv: a bad one is one line (exit 2) here too."""

@@ -273,7 +273,8 @@ BAD_INPUTS = [
      "config.model.num_classes=7 does not match dataset 'fashion_mnist'", "num_classes"),
     ([SMOKE, "--config.parallel=threads"], "config.parallel='threads' is not allowed",
      "parallel"),
-    ([SMOKE, "--config.num_devices=3"], "config.num_devices=3 must be 0 (every visible device) or 1..2", "devices"),
+    ([SMOKE, "--config.num_devices=3"],
+     "config.num_devices=3 must be 0 (every visible device) or 1..2", "devices"),
     ([SMOKE, "--config.batch_size=4096"],
      "config.batch_size=4096 is larger than the training set (2048 examples)", "batch > N"),
     ([SMOKE, "--config.eval_batch_size=3"], "config.eval_batch_size=3 must be 0", "eval batch"),
@@ -352,7 +353,8 @@ def test_a_config_file_with_a_syntax_error_is_one_line(tmp_path):
   result = launch(str(tmp_path / "run"), f"--config={path}", timeout=120)
   assert result.returncode == 2, result.stderr
   error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert error_lines == [f"error: --config={path}: SyntaxError: invalid syntax (broken.py, line 1)"], \
+  assert error_lines == [
+      f"error: --config={path}: SyntaxError: invalid syntax (broken.py, line 1)"], \
       result.stderr
 
 
