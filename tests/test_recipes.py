@@ -294,6 +294,23 @@ def test_only_the_recipe_itself_is_compared_with_the_published_number():
   changed.method.alpha_T = 0.5
   note = config_check.drop_published_unless_recipe(changed, path)
   assert note.endswith("(config.method.alpha_T: recipe 0.8, now 0.5)") and changed.published is None
+  # A config argument that picks a recipe (a distillation pair) is that recipe; with ',smoke'
+  # it is not.
+  pair = "configs/cifar100/dkd_mdistiller.py"
+  vgg = load_config_file(pair, "vgg13-vgg8")
+  assert config_check.drop_published_unless_recipe(vgg, f"{pair}:vgg13-vgg8") is None
+  assert vgg.published.top1 == load_config_file(pair, "vgg13-vgg8").published.top1
+  assert vgg.published.top1 != load_config_file(pair).published.top1  # not the default pair's
+  vgg_smoke = load_config_file(pair, "vgg13-vgg8,smoke")
+  assert config_check.drop_published_unless_recipe(vgg_smoke, f"{pair}:vgg13-vgg8,smoke")
+  assert vgg_smoke.published is None
+  kept = 0
+  for config_file in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.py"))):
+    config = load_config_file(config_file)  # every recipe keeps its own number
+    if config.get("published"):
+      assert config_check.drop_published_unless_recipe(config, config_file) is None, config_file
+      kept += config.published is not None
+  assert kept >= 10
   elsewhere = load_config_file(path)
   elsewhere.log_every_steps = 7  # a resumable key
   elsewhere.data.dir = "/data/tfds"  # where the data lives, as docs/RECIPES.md has CIFAR runs

@@ -11,7 +11,7 @@ import os
 
 from selfkd_jax.data.grain_reader import READERS
 from selfkd_jax.train import optim
-from selfkd_jax.train.default_config import load_config_file
+from selfkd_jax.train.default_config import SMOKE, load_config_file
 from selfkd_jax.train.method_factory import (METHOD_BUILDERS, STORAGE_DTYPES,
                                              needs_network_teacher)
 from selfkd_jax.train.workdir_files import (CHECKPOINT_DIR, CONFIG_FILE, RESULTS_FILE,
@@ -349,12 +349,15 @@ def config_difference(saved: dict, config, was: str = "saved") -> str | None:
 RECIPE_LOCATIONS = ("data.dir", "teacher.workdir")
 
 
-def recipe_difference(config, path: str) -> str | None:
+def recipe_difference(config, spec: str) -> str | None:
   """Where `config` departs from the recipe its `config.published` number belongs to: the
-  config file's own `get_config()` (no argument: `:smoke` and the other arguments are
-  variants of it), compared on the keys that decide a result; None when it is the recipe."""
+  config file's own `get_config(arg)` for `spec = path[:arg]`, with `smoke` left out of the
+  argument (a choice such as mdistiller's `vgg13-vgg8` picks a recipe; `smoke` shortens it),
+  compared on the keys that decide a result; None when it is the recipe."""
+  path, _, arg = spec.partition(":")
+  recipe_arg = ",".join(part for part in arg.split(",") if part and part != SMOKE) or None
   recipe, current = (without_keys(comparable(json.loads(c.to_json())), RECIPE_LOCATIONS)
-                     for c in (load_config_file(path), config))
+                     for c in (load_config_file(path, recipe_arg), config))
   return _first_difference(recipe, current, "", "recipe")
 
 
@@ -371,7 +374,7 @@ def drop_published_unless_recipe(config, spec: str) -> str | None:
     return None
   path = spec.partition(":")[0]
   try:
-    difference = recipe_difference(config, path)
+    difference = recipe_difference(config, spec)
   except Exception as e:  # pylint: disable=broad-except  (the recipe itself does not load)
     difference = f"its get_config() raised {type(e).__name__}"
   if difference is None:
