@@ -256,10 +256,10 @@ def check_runs(runs: Sequence[Run]) -> dict[Run, str]:
   for run in runs:
     config = load_config(run)
     try:
-      config_check.check_workdir(config, run.workdir)
-    except config_check.ConfigError as error:  # its advice is launch.py's: say the sweep's
-      conflicts[run] = str(error).replace(
-          "use another --workdir", "sweep into another --root, or move that workdir away")
+      config_check.check_workdir(config, run.workdir,
+                                 remedy="sweep into another --root, or move that workdir away")
+    except config_check.ConfigError as error:
+      conflicts[run] = str(error)
   return conflicts
 
 

@@ -36,6 +36,14 @@ def class_ids(labels: jax.typing.ArrayLike) -> jax.Array:
   return labels
 
 
+def check_label_shape(labels: jax.Array, rows: jax.Array, rows_name: str) -> None:
+  """Refuses `labels` unless their shape is `rows`' without its class axis (one id per row):
+  a `[B, 1]` column would otherwise broadcast against `[B, C]` rows."""
+  if labels.shape != rows.shape[:-1]:
+    raise ValueError(f'labels {labels.shape} must have the shape of {rows_name} {rows.shape} '
+                     'without its class axis: one class id per example.')
+
+
 def nan_unless_class(labels: jax.Array, num_classes: int) -> jax.Array:
   """`[...]` float32: 0 where a label is a class id in `[0, C)`, NaN where it is not.
 

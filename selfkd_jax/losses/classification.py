@@ -30,9 +30,7 @@ def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike) ->
   """
   logits = _common.to_float(logits)
   labels = _common.class_ids(labels)
-  if labels.shape != logits.shape[:-1]:
-    raise ValueError(f'labels {labels.shape} must have the shape of logits {logits.shape} '
-                     'without its class axis: one class id per example.')
+  _common.check_label_shape(labels, logits, 'logits')
   # Only the label column needs the normaliser subtracted (as in optax).
   label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
   return (jax.nn.logsumexp(logits, axis=-1) - label_logits

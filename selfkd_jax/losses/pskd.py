@@ -74,9 +74,7 @@ def pskd_targets(
   alpha = _common.to_float(alpha)
   _common.check_per_example_shape('alpha', alpha, labels.shape)
   alpha = alpha[..., None]
-  if labels.shape != past_probs.shape[:-1]:
-    raise ValueError(f'labels {labels.shape} must have the shape of past_probs '
-                     f'{past_probs.shape} without its class axis: one class id per example.')
+  _common.check_label_shape(labels, past_probs, 'past_probs')
   num_classes = past_probs.shape[-1]
   onehot = _common.target_mask(labels, num_classes).astype(past_probs.dtype)
   return ((1.0 - alpha) * onehot + alpha * past_probs

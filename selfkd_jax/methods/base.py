@@ -161,13 +161,19 @@ def logits_and_labels(method: str, outputs: Outputs, batch: Batch,
   deep inside with a shape error, so both are refused here naming the method; so is a
   classifier of another width than the one the method's state was built for.
   """
+  logits = checked_logits(method, outputs, num_classes)
+  return logits, checked_labels(method, batch, logits.shape[:-1])
+
+
+def checked_logits(method: str, outputs: Outputs, num_classes: int | None = None) -> jax.Array:
+  """`outputs['logits']`, refused when missing or (given `num_classes`) of another width than
+  the one the method's state was built for."""
   require_outputs(method, outputs, ("logits",))
   logits = outputs["logits"]
-  labels = checked_labels(method, batch, logits.shape[:-1])
   if num_classes is not None and logits.shape[-1] != num_classes:
     raise ValueError(f"{method}: outputs['logits'] has {logits.shape[-1]} classes (shape "
                      f"{logits.shape}) but the method was built with num_classes={num_classes}")
-  return logits, labels
+  return logits
 
 
 def checked_labels(method: str, batch: Batch, shape: tuple[int, ...] | None = None) -> jax.Array:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from selfkd_jax import losses
 from selfkd_jax.methods.base import (Method, check_state, check_steps_per_epoch, checked_indices,
-                                     epoch_of_step, logits_and_labels)
+                                     checked_logits, epoch_of_step, logits_and_labels)
 from selfkd_jax.methods.per_example import (PerExampleTable, create_table, first_visit_one_hot,
                                             gather_rows, scatter_rows, written_rows)
 
@@ -109,10 +109,7 @@ def pskd(num_examples: int, num_classes: int, total_epochs: int, *, steps_per_ep
 
   def refresh_from_eval(state, outputs, batch, *, axis_name=None):
     check_state("pskd", state, PSKDState)
-    logits = outputs["logits"]
-    if logits.shape[-1] != num_classes:
-      raise ValueError(f"pskd: outputs['logits'] has {logits.shape[-1]} classes but the method "
-                       f"was built with num_classes={num_classes}")
+    logits = checked_logits("pskd", outputs, num_classes)
     return write_predictions(state, logits, checked_indices("pskd", batch, logits.shape[:-1]),
                              axis_name)
 

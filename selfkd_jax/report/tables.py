@@ -15,7 +15,7 @@ import statistics
 from typing import Any, Sequence
 
 from selfkd_jax.report import benchmark as benchmark_lib
-from selfkd_jax.report.groups import Group
+from selfkd_jax.report.groups import Group, flatten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +106,8 @@ def summarize(group: Group, records: list[dict] | None) -> dict[str, Any]:
 
 def _how_run(run) -> tuple:
   """The `HOW_RUN_KEYS` values of a run (device count, parallel mode, reader), as JSON."""
-  values = []
-  for key in HOW_RUN_KEYS:
-    node = run.config or {}
-    for part in key.split("."):
-      node = node.get(part) if isinstance(node, dict) else None
-    values.append(json.dumps(node, sort_keys=True))
-  return tuple(values)
+  flat = flatten(run.config or {})
+  return tuple(flat.get(key) for key in HOW_RUN_KEYS)
 
 
 def write_csv(rows: Sequence[dict], path: str) -> None:

@@ -309,19 +309,20 @@ def comparable(config_dict: dict) -> dict:
   return without_added_defaults(kept)
 
 
-def check_workdir(config, workdir: str) -> None:
+def check_workdir(config, workdir: str, remedy: str = "use another --workdir") -> None:
   """Refuses a workdir whose checkpoints or results were written by a different config.
 
   A config.json with nothing trained next to it (a run refused or stopped before its first
-  checkpoint) binds nothing: the next run replaces it.
+  checkpoint) binds nothing: the next run replaces it. `remedy` ends the messages: what the
+  caller's user can do instead (the sweep has no --workdir).
   """
   if not os.path.exists(os.path.join(workdir, CONFIG_FILE)) or not _holds_a_run(workdir):
     return
   difference = difference_from_saved(config, workdir, "which config this workdir's checkpoints "
-                                     "belong to: restore it or use another --workdir")
+                                     f"belong to: restore it or {remedy}")
   if difference:
     raise ConfigError(f"workdir {workdir} holds checkpoints of a different config "
-                      f"(config.{difference}); use another --workdir")
+                      f"(config.{difference}); {remedy}")
 
 
 def difference_from_saved(config, workdir: str, records: str) -> str | None:
