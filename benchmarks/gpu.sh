@@ -7,6 +7,7 @@
 #   OUT=/tmp/try bash benchmarks/gpu.sh   # elsewhere (required where JAX sees no GPU)
 #   QUICK=1 OUT=/tmp/try bash benchmarks/gpu.sh   # every part at toy sizes: checks the script
 #                                                  # itself on a CPU in a few minutes
+#   PARTS=step,scale bash benchmarks/gpu.sh        # some parts only (step, torch, scale, train)
 #
 # 1. step_time.py at CIFAR scale (PreAct ResNet-18, 32x32x3, 100 classes, batch 128), fp32 and
 #    bf16, ten methods spanning every kind of cost: time, XLA FLOPs and bytes, ratios to CE;
@@ -14,13 +15,25 @@
 #    step (skipped, with a line, if torch or its CUDA build is missing);
 # 3. scale.py on the GPU: the ImageNet-size PS-KD table (1,281,167 x 1000), fp32 and bf16;
 # 4. a short PS-KD training with launch.py on synthetic Fashion-MNIST-format data (the real
-#    files when /usr/share/datasets/fashion-mnist exists): end-to-end images/s.
-# Each part has its own time limit, so one slow part cannot take the others' time.
+#    files when $FASHION_MNIST, default /usr/share/datasets/fashion-mnist, has them):
+#    end-to-end images/s.
+# Each part has its own time limit, so one slow part cannot take the others' time. The step
+# benchmark also stops compiling new cases after STEP_BUILD_S seconds (XLA's autotuning makes
+# each GPU compile take a while) and times what it built, so a slow compiler costs methods,
+# not the whole table.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python}
 OUT=${OUT:-benchmarks/results}
+PARTS=${PARTS:-step,torch,scale,train}
+for p in ${PARTS//,/ }; do
+  case $p in step|torch|scale|train) ;;
+    *) echo "gpu.sh: PARTS has '$p'; allowed: step, torch, scale, train (comma-separated)" >&2
+       exit 2 ;;
+  esac
+done
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 PLATFORM=$($PY -c "import jax; print(jax.default_backend())") || exit 1
 if [ "$PLATFORM" = cpu ] && [ "$OUT" = benchmarks/results ]; then
   # It would overwrite this CPU's committed results (results/cpu.json, scale_cpu.json) with
@@ -35,13 +48,24 @@ if [ "${QUICK:-0}" = 1 ]; then
   TRAIN_ARGS=(--config.num_epochs=1 --config.data.limit_train=1024)
 else
   STEP_ARGS=(--model=preact_resnet18 --methods=ce,ls,pskd,zipf,ras_kd,kd,cskd,mrkd,byot,lsskd
-             --steps=10 --rounds=2 --warmup=3)
+             --steps=10 --rounds=2 --warmup=3 --build_budget_s="${STEP_BUILD_S:-150}")
   TORCH_ARGS=(--steps=20 --rounds=2 --warmup=5)
   SCALE_ARGS=(--steps=20 --saves=2)
   TRAIN_ARGS=(--config.num_epochs=3)
 fi
 SLUG=$($PY -c "import jax, sys; sys.path.insert(0, 'benchmarks'); import step_time; print(step_time.device_slug(jax.devices()[0].device_kind))")
 echo "device: $SLUG ($PLATFORM), results in $OUT"
+$PY - <<'EOF'
+import importlib.metadata as metadata, platform
+names = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "torch")
+found = []
+for name in names:
+  try:
+    found.append(f"{name} {metadata.version(name)}")
+  except metadata.PackageNotFoundError:
+    pass
+print(f"python {platform.python_version()}; " + "; ".join(found))
+EOF
 mkdir -p "$OUT"
 status=0
 
@@ -56,20 +80,23 @@ part() {  # part <seconds> <name> <command...>
 }
 
 # Ten methods that span the kinds of cost (targets only, extra forwards, heads, rotations).
-part 220 "step time" $PY benchmarks/step_time.py --batch_size=128 --dtypes=float32,bfloat16 \
-    "${STEP_ARGS[@]}" --out="$OUT/$SLUG.json"
+want step && part 240 "step time" $PY benchmarks/step_time.py --batch_size=128 \
+    --dtypes=float32,bfloat16 "${STEP_ARGS[@]}" --out="$OUT/$SLUG.json"
 
 TORCH_DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
-if [ "$TORCH_DEVICE" = cuda ] || { [ "${QUICK:-0}" = 1 ] && [ "$TORCH_DEVICE" = cpu ]; }; then
+if ! want torch; then
+  :
+elif [ "$TORCH_DEVICE" = cuda ] || { [ "${QUICK:-0}" = 1 ] && [ "$TORCH_DEVICE" = cpu ]; }; then
   part 100 "pytorch side by side" $PY benchmarks/torch_side_by_side.py --device="$TORCH_DEVICE" \
       "${TORCH_ARGS[@]}" --out="$OUT/torch_side_by_side_$SLUG.json"
 else
   echo "== pytorch side by side: skipped (no torch with CUDA: pip install -r benchmarks/requirements-torch.txt)"
 fi
 
-part 130 "scale" $PY benchmarks/scale.py "${SCALE_ARGS[@]}" --out="$OUT/scale_$SLUG.json"
+want scale && part 130 "scale" $PY benchmarks/scale.py "${SCALE_ARGS[@]}" --out="$OUT/scale_$SLUG.json"
 
-DATA=/usr/share/datasets/fashion-mnist
+if want train; then
+DATA=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 WORK=$(mktemp -d)
 if [ ! -e "$DATA/train-images-idx3-ubyte.gz" ]; then
   DATA="$WORK/data"
@@ -93,4 +120,5 @@ part 100 "pskd training" $PY launch.py --config=configs/fashion_mnist/pskd.py \
     --workdir="$WORK/run"
 cp "$WORK/run/results.json" "$OUT/fashion_mnist_pskd_train_$SLUG.json" 2>/dev/null || true
 rm -rf "$WORK"
+fi
 exit $status

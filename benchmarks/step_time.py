@@ -256,11 +256,18 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
                   dtypes: Sequence[str] = ("float32", "bfloat16"), steps: int = 50,
                   warmup: int = 5, rounds: int = 3, num_devices: int = 0,
                   crop_padding: int = 4, flip: bool = True, seed: int = 0,
-                  log=None) -> list[dict[str, Any]]:
-  """Times the train step of each (method, dtype); returns one record per pair.
+                  build_budget_s: float = 0.0, log=None) -> list[dict[str, Any]]:
+  """Times the train step of each (method, dtype); returns one record per pair timed.
 
   'ce' is always timed (added if missing) since every ratio is relative to it. The records
   follow the order of `dtypes`, then `methods`.
+
+  Cases are built (compiled and warmed up) method by method, every dtype of a method in turn, so
+  a run cut short still has both dtypes of the methods it reached. `build_budget_s` > 0 stops
+  building new cases (CE's excepted) once that many seconds have gone on building (a GPU run with a fixed
+  lease: XLA's autotuning can make each compile take tens of seconds); the cases built so far
+  are timed, the rest are logged as skipped. A case that fails to build is logged with its
+  error and skipped too; the caller sees the missing pairs in the records.
   """
   log = log or (lambda message: print(message, file=sys.stderr, flush=True))
   timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
@@ -289,20 +296,34 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
   paired_batches = None  # made on first use (CS-KD)
 
   cases = []
-  for dtype in dtypes:
-    for method in methods:
+  build_start = time.perf_counter()
+  for method in methods:
+    for dtype in dtypes:
+      spent = time.perf_counter() - build_start
+      if build_budget_s and spent > build_budget_s and method != "ce":
+        log(f"skipped {method} / {dtype}: {spent:.0f} s of building spent "
+            f"(--build_budget_s={build_budget_s:g})")
+        continue
       log(f"building {method} / {dtype}")
-      case = StepCase(method, dtype, runner=runner, model_name=model, image_shape=image_shape,
-                   num_classes=num_classes, num_examples=num_examples, batch_size=batch_size,
-                   augmentation=augmentation, seed=seed)
-      if case.needs_partners and paired_batches is None:
-        paired_batches = synthetic_batches(runner, partners=True, **batch_kwargs)
-      case.batches = paired_batches if case.needs_partners else plain_batches
-      case.compile(case.batches[0])
-      case.run(case.batches[:warmup], record=False)
+      try:
+        case = StepCase(method, dtype, runner=runner, model_name=model, image_shape=image_shape,
+                        num_classes=num_classes, num_examples=num_examples,
+                        batch_size=batch_size, augmentation=augmentation, seed=seed)
+        if case.needs_partners and paired_batches is None:
+          paired_batches = synthetic_batches(runner, partners=True, **batch_kwargs)
+        case.batches = paired_batches if case.needs_partners else plain_batches
+        case.compile(case.batches[0])
+        case.run(case.batches[:warmup], record=False)
+      except Exception as error:  # pylint: disable=broad-except  # time the others
+        if method == "ce":
+          raise  # every ratio needs CE
+        log(f"FAILED {method} / {dtype}: {type(error).__name__}: {error}")
+        continue
+      log(f"built {method} / {dtype}: compiled in {case.compile_s:.1f} s")
       # The process-wide high-water mark so far (it includes the cases built before this one).
       case.peak_memory_bytes = _peak_memory_bytes(devices[0])
       cases.append(case)
+  cases.sort(key=lambda case: (dtypes.index(case.dtype_name), methods.index(case.method_name)))
 
   for r in range(rounds):
     log(f"round {r + 1}/{rounds}")
@@ -382,6 +403,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--num_devices", type=int, default=0, help="0 = every visible device")
   parser.add_argument("--crop_padding", type=int, default=4, help="augmentation: crop padding")
   parser.add_argument("--flip", type=int, default=1, help="augmentation: random flip (0/1)")
+  parser.add_argument("--build_budget_s", type=float, default=0.0,
+                      help="stop building new cases after this many seconds of building and "
+                           "time those built (0 = build every case)")
   parser.add_argument("--out", default="",
                       help="output JSON (default: benchmarks/results/<device kind>.json)")
   return parser.parse_args(argv)
@@ -393,11 +417,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                           num_classes=args.num_classes, num_examples=args.num_examples,
                           batch_size=args.batch_size, dtypes=args.dtypes, steps=args.steps,
                           warmup=args.warmup, rounds=args.rounds, num_devices=args.num_devices,
-                          crop_padding=args.crop_padding, flip=bool(args.flip))
+                          crop_padding=args.crop_padding, flip=bool(args.flip),
+                          build_budget_s=args.build_budget_s)
   out = args.out or os.path.join(RESULTS_DIR, device_slug(records[0]["device"]) + ".json")
   write_results(records, out)
   print(markdown_table(records))
   print(f"\nwrote {out}")
+  timed = {(r["method"], r["dtype"]) for r in records}
+  missing = [f"{m}/{d}" for d in args.dtypes for m in dict.fromkeys(["ce", *args.methods])
+             if (m, d) not in timed]
+  if missing:
+    print(f"not timed (skipped or failed, see the log above): {', '.join(missing)}",
+          file=sys.stderr)
+    sys.exit(1)
   return records
 
 

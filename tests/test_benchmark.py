@@ -88,3 +88,23 @@ def test_compiled_cost_fields(tmp_path):
   # input gradient, which makes CE's backward cheaper than twice its forward.
   assert mrkd["flops_ratio_to_ce"] > 1.1, mrkd["flops_ratio_to_ce"]
   assert mrkd["bytes_ratio_to_ce"] > 1.0
+
+
+def test_build_budget_times_what_was_built(tmp_path, capsys):
+  # A budget already spent before the first case: CE is built anyway (every ratio needs it),
+  # PS-KD is skipped; the results file still holds CE's record and the exit status says a
+  # requested pair was not timed.
+  out = tmp_path / "budget.json"
+  try:
+    load_script().main([
+        "--methods=ce,pskd", "--model=mlp", "--image_shape=28,28,1", "--num_classes=10",
+        "--num_examples=512", "--batch_size=32", "--dtypes=float32", "--steps=1",
+        "--warmup=1", "--rounds=1", "--num_devices=1", "--build_budget_s=1e-9",
+        f"--out={out}"])
+  except SystemExit as exit_:
+    assert exit_.code == 1
+  else:
+    raise AssertionError("a skipped method must make main exit 1")
+  assert [r["method"] for r in json.loads(out.read_text())] == ["ce"]
+  err = capsys.readouterr().err
+  assert "skipped pskd / float32" in err and "not timed" in err and "pskd/float32" in err
