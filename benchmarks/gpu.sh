@@ -18,9 +18,10 @@
 #    files when $FASHION_MNIST, default /usr/share/datasets/fashion-mnist, has them):
 #    end-to-end images/s.
 # Each part has its own time limit, so one slow part cannot take the others' time. The step
-# benchmark also stops compiling new cases after STEP_BUILD_S seconds (XLA's autotuning makes
-# each GPU compile take a while) and times what it built, so a slow compiler costs methods,
-# not the whole table.
+# benchmark also stops compiling new cases after STEP_BUILD_S seconds (default 150; its
+# limit is STEP_LIMIT_S, default 240): on an H200 with JAX 0.11.2 one PreAct ResNet-18 step
+# compiles in about 18 s and LSSKD's much longer, so a slow compiler costs methods, not the
+# whole table.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,7 +48,8 @@ if [ "${QUICK:-0}" = 1 ]; then
   SCALE_ARGS=(--num_examples=5000,20000 --num_classes=100 --steps=2 --saves=1)
   TRAIN_ARGS=(--config.num_epochs=1 --config.data.limit_train=1024)
 else
-  STEP_ARGS=(--model=preact_resnet18 --methods=ce,ls,pskd,zipf,ras_kd,kd,cskd,mrkd,byot,lsskd
+  # Most telling first: a run cut short by STEP_BUILD_S loses the cheap target-only methods.
+  STEP_ARGS=(--model=preact_resnet18 --methods=ce,pskd,lsskd,byot,kd,cskd,mrkd,ls,zipf,ras_kd
              --steps=10 --rounds=2 --warmup=3 --build_budget_s="${STEP_BUILD_S:-150}")
   TORCH_ARGS=(--steps=20 --rounds=2 --warmup=5)
   SCALE_ARGS=(--steps=20 --saves=2)
@@ -80,7 +82,7 @@ part() {  # part <seconds> <name> <command...>
 }
 
 # Ten methods that span the kinds of cost (targets only, extra forwards, heads, rotations).
-want step && part 240 "step time" $PY benchmarks/step_time.py --batch_size=128 \
+want step && part "${STEP_LIMIT_S:-240}" "step time" $PY benchmarks/step_time.py --batch_size=128 \
     --dtypes=float32,bfloat16 "${STEP_ARGS[@]}" --out="$OUT/$SLUG.json"
 
 TORCH_DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)

@@ -206,7 +206,8 @@ def _filled(method_state):
 
   def fill(table):
     rows, sharding = table.rows, table.rows.sharding
-    if sharding.spec[:1] != (parallel.AXIS,):
+    # One device holds every row whatever the spec (the runner leaves a 1-device table unsplit).
+    if sharding.spec[:1] != (parallel.AXIS,) and sharding.mesh.size > 1:
       raise ValueError(f"a table sharded by rows was expected, got {sharding.spec}")
 
     def local(block):  # this device's rows
@@ -222,9 +223,9 @@ def _filled(method_state):
 
       return jax.lax.fori_loop(0, -(-block.shape[0] // chunk), body, block)
 
-    mapped = jax.shard_map(local, mesh=sharding.mesh, in_specs=sharding.spec,
-                           out_specs=sharding.spec)
-    return table.with_rows(jax.jit(mapped, donate_argnums=0)(rows))
+    by_rows = jax.sharding.PartitionSpec(parallel.AXIS)
+    mapped = jax.shard_map(local, mesh=sharding.mesh, in_specs=by_rows, out_specs=by_rows)
+    return table.with_rows(jax.jit(mapped, donate_argnums=0, out_shardings=sharding)(rows))
 
   is_table = lambda x: isinstance(x, PerExampleTable)
   return jax.tree.map(lambda x: fill(x) if is_table(x) else x, method_state, is_leaf=is_table)
