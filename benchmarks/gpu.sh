@@ -95,7 +95,7 @@ else
   echo "== pytorch side by side: skipped (no torch with CUDA: pip install -r benchmarks/requirements-torch.txt)"
 fi
 
-want scale && part 130 "scale" $PY benchmarks/scale.py "${SCALE_ARGS[@]}" --out="$OUT/scale_$SLUG.json"
+want scale && part 180 "scale" $PY benchmarks/scale.py "${SCALE_ARGS[@]}" --out="$OUT/scale_$SLUG.json"
 
 if want train; then
 DATA=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
