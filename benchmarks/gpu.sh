@@ -101,8 +101,8 @@ part() {  # part <seconds> <name> <command...>
 }
 
 # Ten methods that span the kinds of cost (targets only, extra forwards, heads, rotations).
-want step && part "${STEP_LIMIT_S:-300}" "step time" $PY benchmarks/step_time.py --batch_size=128 \
-    --dtypes=float32,bfloat16 "${STEP_ARGS[@]}" --out="$OUT/$SLUG.json"
+want step && part "${STEP_LIMIT_S:-300}" "step time" $PY benchmarks/step_time.py \
+    --batch_size=128 --dtypes=float32,bfloat16 "${STEP_ARGS[@]}" --out="$OUT/$SLUG.json"
 
 TORCH_DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
 if ! want torch; then
@@ -114,7 +114,8 @@ else
   echo "== pytorch side by side: skipped (no torch with CUDA: pip install -r benchmarks/requirements-torch.txt)"
 fi
 
-want scale && part 240 "scale" $PY benchmarks/scale.py "${SCALE_ARGS[@]}" --out="$OUT/scale_$SLUG.json"
+want scale && part 240 "scale" $PY benchmarks/scale.py "${SCALE_ARGS[@]}" \
+    --out="$OUT/scale_$SLUG.json"
 
 if want train; then
 DATA=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}

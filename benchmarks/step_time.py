@@ -264,10 +264,10 @@ def run_benchmark(*, methods: Sequence[str] = method_factory.METHOD_NAMES,
 
   Cases are built (compiled and warmed up) method by method, every dtype of a method in turn, so
   a run cut short still has both dtypes of the methods it reached. `build_budget_s` > 0 stops
-  building new cases (CE's excepted) once that many seconds have gone on building (a GPU run with a fixed
-  lease: XLA's autotuning can make each compile take tens of seconds); the cases built so far
-  are timed, the rest are logged as skipped. A case that fails to build is logged with its
-  error and skipped too; the caller sees the missing pairs in the records.
+  building new cases (CE's excepted) once that many seconds have gone on building (a GPU run
+  on a fixed lease: XLA's autotuning can make each compile take tens of seconds); the cases
+  built so far are timed, the rest are logged as skipped. A case that fails to build is logged
+  with its error and skipped too; the caller sees the missing pairs in the records.
   """
   log = log or (lambda message: print(message, file=sys.stderr, flush=True))
   timestamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
