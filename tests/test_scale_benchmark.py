@@ -25,8 +25,8 @@ def _load_scale():
   return module
 
 
-@pytest.mark.parametrize("num_devices,unsplit", [(1, False), (1, True), (4, False)])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("num_devices,unsplit,dtype", [
+    (1, False, "float32"), (1, True, "float32"), (1, True, "bfloat16"), (4, False, "bfloat16")])
 def test_fill_writes_a_distribution_into_every_row(num_devices, unsplit, dtype):
   scale = _load_scale()
   num_examples, num_classes = 1001, 10  # 1001 rows: padded over 4 devices
