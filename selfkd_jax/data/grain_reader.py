@@ -23,7 +23,6 @@ import signal
 import threading
 from typing import Callable, Generic, Sequence, TypeVar
 
-import grain
 import numpy as np
 
 from selfkd_jax.data.errors import DataError
@@ -32,6 +31,19 @@ K = TypeVar("K")
 T = TypeVar("T")
 
 READERS = ("auto", "threads", "grain")
+
+
+def _import_grain():
+  """grain, imported when a reader first needs it: arrays are read with threads, so a machine
+  without grain (a GPU image with JAX but not this project's data stack, say) still trains on
+  them, and the trainer's modules import there."""
+  try:
+    import grain  # pylint: disable=g-import-not-at-top
+  except ImportError as error:
+    raise DataError(f"config.data.reader: reading with grain needs the 'grain' package ({error});"
+                    " install it (pip install 'grain>=0.2.18') or set "
+                    "--config.data.reader=threads") from None
+  return grain
 
 
 class GrainReader(Generic[T]):
@@ -57,6 +69,7 @@ class GrainReader(Generic[T]):
       raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     if num_processes < 0:
       raise ValueError(f"num_processes must be >= 0, got {num_processes}")
+    grain = _import_grain()
     self._length = len(keys)
     self._num_processes = num_processes
     if num_processes:
