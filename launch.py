@@ -32,6 +32,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Needed before the flags are parsed, to word their errors; imports absl only (no JAX).
+from selfkd_jax.train import flag_errors
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = os.path.join(HERE, "configs", "fashion_mnist", "pskd.py")
 
@@ -44,7 +47,6 @@ def _define_config_flag():
         "config", DEFAULT_CONFIG, "Config file (`path` or `path:arg`); override keys with "
         "--config.key=value.", lock_config=True)
   except Exception as error:  # pylint: disable=broad-except  (the default config or an override)
-    from selfkd_jax.train import flag_errors  # pylint: disable=g-import-not-at-top
     print(f"error: {flag_errors.message(error, sys.argv)}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -128,8 +130,6 @@ HELP_FLAGS = {"-h": True, "-?": True, "--help": True, "--helpshort": True, "--he
 def parse_flags(argv):
   """absl flag parsing with bad flags, config files or config overrides reported in one line,
   exit 2."""
-  from selfkd_jax.train import flag_errors  # pylint: disable=g-import-not-at-top
-
   for arg in argv[1:]:
     if arg in HELP_FLAGS:
       app.usage(shorthelp=HELP_FLAGS[arg], writeto_stdout=True, exitcode=0)
@@ -189,7 +189,6 @@ def main(argv):
     config = _CONFIG.value
     config.keys()  # ml_collections defers a config file's load error to the first use
   except Exception as error:  # pylint: disable=broad-except  (whatever the config's code raised)
-    from selfkd_jax.train import flag_errors  # pylint: disable=g-import-not-at-top
     _fail(flag_errors.message(error.__cause__ or error, sys.argv), 2)
   _start_cluster(cluster_lib)
   try:

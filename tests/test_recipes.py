@@ -315,4 +315,3 @@ def test_only_the_recipe_itself_is_compared_with_the_published_number():
   elsewhere.log_every_steps = 7  # a resumable key
   elsewhere.data.dir = "/data/tfds"  # where the data lives, as docs/RECIPES.md has CIFAR runs
   assert config_check.drop_published_unless_recipe(elsewhere, path) is None
-

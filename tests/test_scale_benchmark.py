@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from selfkd_jax.methods import PerExampleTable
+
 BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 
 
@@ -42,13 +44,13 @@ def test_fill_writes_a_distribution_into_every_row(num_devices, unsplit, dtype):
     mesh = jax.tree.leaves(before)[0].sharding.mesh
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     before = jax.tree.map(lambda x: jax.device_put(x, whole), before)
-  (table_before,) = [x for x in jax.tree.leaves(before, is_leaf=_is_table) if _is_table(x)]
+  table_before = _the_table(before)
   sharding = table_before.rows.sharding
   assert (sharding.spec == jax.sharding.PartitionSpec()) == unsplit
 
   filled = scale._filled(before)  # pylint: disable=protected-access
 
-  (table,) = [x for x in jax.tree.leaves(filled, is_leaf=_is_table) if _is_table(x)]
+  table = _the_table(filled)
   assert table.rows.sharding == sharding and table.rows.dtype == table_before.rows.dtype
   values = np.asarray(table.values(), np.float64)[:num_examples]
   # bfloat16 keeps 8 bits of mantissa: each of 10 entries within 2^-8 of its float32 value.
@@ -59,6 +61,8 @@ def test_fill_writes_a_distribution_into_every_row(num_devices, unsplit, dtype):
   assert len({tuple(row) for row in np.round(values, 3)}) == num_examples
 
 
-def _is_table(x):
-  from selfkd_jax.methods import PerExampleTable  # pylint: disable=g-import-not-at-top
-  return isinstance(x, PerExampleTable)
+def _the_table(method_state) -> PerExampleTable:
+  """The one per-example table in PS-KD's state."""
+  is_table = lambda x: isinstance(x, PerExampleTable)
+  (table,) = [x for x in jax.tree.leaves(method_state, is_leaf=is_table) if is_table(x)]
+  return table

@@ -27,8 +27,6 @@ from selfkd_jax.data.tfds_source import EncodedImageSource, ImageSizeError
 __all__ = [
     "ArraySource", "DATASET_NAMES", "DataError", "DatasetInfo", "EncodedImageSource",
     "ImageSizeError", "TrainBatches", "augment_batch", "cached_source_labels",
-    "epoch_permutation", "eval_batches",
-    "load_splits", "normalize", "num_processes_for", "prefetch_to_device", "same_class_partners",
-    "steps_per_epoch",
-    "train_batch_indices",
+    "epoch_permutation", "eval_batches", "load_splits", "normalize", "num_processes_for",
+    "prefetch_to_device", "same_class_partners", "steps_per_epoch", "train_batch_indices",
 ]

@@ -26,10 +26,9 @@ from selfkd_jax.methods.zipf import zipf
 __all__ = [
     "aekt", "byot", "combine", "create_table", "cross_entropy", "cskd", "dkd", "EmptyState",
     "from_pmap_layout", "gather_rows", "init_sharded", "kd", "label_smoothing", "label_teacher",
-    "lsrkd", "lsskd", "LSSKDState", "Method", "MethodHooks", "mrkd", "MrKDState",
-    "network_teacher", "pad_tables",
-    "partition_specs", "PerExampleTable", "pskd", "PSKDState", "ras_kd", "RASKDState", "reffakd",
-    "rotate_batch", "scatter_rows", "set_index_checks", "shard_state", "soft_label_teacher",
-    "state_shardings", "stateless_init", "table_bytes", "tfkd_reg", "tfkd_self", "to_pmap_layout",
-    "zipf",
+    "lsrkd", "lsskd", "LSSKDState", "Method", "MethodHooks", "mrkd", "MrKDState", "network_teacher",
+    "pad_tables", "partition_specs", "PerExampleTable", "pskd", "PSKDState", "ras_kd", "RASKDState",
+    "reffakd", "rotate_batch", "scatter_rows", "set_index_checks", "shard_state",
+    "soft_label_teacher", "state_shardings", "stateless_init", "table_bytes", "tfkd_reg",
+    "tfkd_self", "to_pmap_layout", "zipf",
 ]

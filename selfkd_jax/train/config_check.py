@@ -326,23 +326,21 @@ def check_workdir(config, workdir: str, remedy: str = "use another --workdir") -
 
 
 def difference_from_saved(config, workdir: str, records: str) -> str | None:
-  """`config_difference` between `config` and the config.json of the run in `workdir`; an
-  unreadable config.json is a ConfigError saying it records `records`."""
+  """The first key where `config` and the config.json of the run in `workdir` differ
+  (`_first_difference`), or None when they describe the same run; an unreadable config.json
+  is a ConfigError saying it records `records`."""
   path = os.path.join(workdir, CONFIG_FILE)
   try:
     with open(path) as f:
       saved = comparable(json.load(f))
   except (OSError, ValueError) as e:
     raise ConfigError(f"{path} is unreadable ({e}); it records {records}") from None
-  return config_difference(saved, config)
+  return _first_difference(saved, _comparable_config(config), "", "saved")
 
 
-def config_difference(saved: dict, config, was: str = "saved") -> str | None:
-  """The first key where `config` and a run's `comparable` saved config differ, as
-  `key: <was> <v>, now <w>` (a `name` first: the method or model that changed says more than
-  the keys that come with it), or None when they describe the same run."""
-  current = comparable(json.loads(config.to_json()))
-  return _first_difference(saved, current, "", was)
+def _comparable_config(config) -> dict:
+  """`comparable` of a live ConfigDict, as its config.json would hold it."""
+  return comparable(json.loads(config.to_json()))
 
 
 # Where a recipe's inputs live, not what they are: RECIPES.md has CIFAR runs point
@@ -357,7 +355,7 @@ def recipe_difference(config, spec: str) -> str | None:
   compared on the keys that decide a result; None when it is the recipe."""
   path, _, arg = spec.partition(":")
   recipe_arg = ",".join(part for part in arg.split(",") if part and part != SMOKE) or None
-  recipe, current = (without_keys(comparable(json.loads(c.to_json())), RECIPE_LOCATIONS)
+  recipe, current = (without_keys(_comparable_config(c), RECIPE_LOCATIONS)
                      for c in (load_config_file(path, recipe_arg), config))
   return _first_difference(recipe, current, "", "recipe")
 
@@ -386,6 +384,9 @@ def drop_published_unless_recipe(config, spec: str) -> str | None:
 
 
 def _first_difference(saved, current, prefix: str, was: str) -> str | None:
+  """The first key where two comparable configs differ, as `key: <was> <v>, now <w>` (a
+  `name` first: the method or model that changed says more than the keys that come with it),
+  or None when they are equal."""
   if saved == current:
     return None
   if not (isinstance(saved, dict) and isinstance(current, dict)):
